@@ -1,0 +1,38 @@
+# make demo / make test each build .venv from scratch if it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# tests that must pass on every backend (ops, feature maps, layers)
+MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py
+
+.PHONY: venv test test-tensorflow test-jax test-torch demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[jax,torch,dev]"
+	touch $(STAMP)
+
+test: test-tensorflow test-jax test-torch
+
+test-tensorflow: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests
+
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax $(PY) -m pytest -q $(MULTIBACKEND_TESTS)
+
+test-torch: $(STAMP)
+	KERAS_BACKEND=torch $(PY) -m pytest -q $(MULTIBACKEND_TESTS)
+
+demo: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PY) examples/quickstart.py
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py --quick
+
+bench: $(STAMP)
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
