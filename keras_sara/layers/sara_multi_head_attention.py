@@ -1,0 +1,496 @@
+"""`SARAMultiHeadAttention`: a drop-in, linear-time `keras.layers.MultiHeadAttention`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import keras
+from keras import ops
+from keras.src import backend as _kbackend  # Keras masks have no public accessor
+
+from keras_sara import feature_maps as fm_lib
+from keras_sara.ops import linear_attention as _la_module  # noqa: F401  (the function)
+import sys
+
+la = sys.modules["keras_sara.ops.linear_attention"]  # the module, not the function
+
+
+class _BlendState(keras.layers.Layer):
+    """Holds the softmax-to-linear blend factor as a non-trainable variable.
+
+    A sublayer (not an own variable of the attention layer) so that the
+    variable comes after every MultiHeadAttention and feature-map weight in
+    `get_weights()`. A variable, not a Python float, because `fit` compiles
+    its step once: a callback that ramps the blend must change a value the
+    compiled graph reads.
+    """
+
+    def __init__(self, initial_value=1.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.initial_value = float(initial_value)
+
+    def build(self, input_shape=None):
+        self.value = self.add_weight(
+            name="blend",
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_value),
+            trainable=False,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "initial_value": self.initial_value}
+
+
+@keras.saving.register_keras_serializable(package="keras_sara")
+class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """Multi-head attention with SARA linear attention, a drop-in for Keras MHA.
+
+    Same constructor, call signature and variables as
+    `keras.layers.MultiHeadAttention`, so `layer.set_weights(mha.get_weights())`
+    turns a trained softmax layer into a SARA layer (SARA-RT up-training
+    starts from exactly that). Softmax `exp(q.k / sqrt(d))` is replaced by
+    `phi(q).phi(k)` with a feature map `phi`, which lets the sums over keys be
+    taken once: cost and memory grow linearly with the number of tokens.
+
+    How each MultiHeadAttention call argument is handled:
+
+    - self and cross attention (T != S), `key` distinct from `value`: as MHA.
+    - key padding (`value_mask`, `key_mask`, Keras' implicit masks) and
+      `use_causal_mask=True`: the linear path; no (T, S) tensor is built.
+    - `query_mask` (or the query's Keras mask): rows of padded queries output
+      zero attention (then the output projection's bias).
+    - a dense `attention_mask` (B, T, S), or `sliding_window`: honoured
+      exactly through the masked (T, S) kernel matrix, at quadratic cost; a
+      warning says so once per layer. Express padding as `value_mask` /
+      `key_mask` and causality as `use_causal_mask` to keep the linear path.
+    - `return_attention_scores=True`: also returns the (B, H, T, S) attention
+      matrix that the linear attention implies (quadratic; for visualisation).
+    - `dropout`: during training, whole (key, head) value vectors are dropped
+      and the rest rescaled, the linear-time analogue of MHA's attention
+      dropout (each attention column is dropped for all queries alike).
+    - `attention_axes`: supported without masks; with several attention axes
+      the tokens of those axes form one sequence.
+    - a row with every key masked outputs zero attention (not NaN).
+
+    Args:
+        num_heads, key_dim, value_dim, dropout, use_bias, output_shape,
+            attention_axes, sliding_window, flash_attention,
+            kernel_initializer, bias_initializer, kernel_regularizer,
+            bias_regularizer, activity_regularizer, kernel_constraint,
+            bias_constraint, use_gate, seed: exactly as in
+            `keras.layers.MultiHeadAttention`.
+        feature_map: the kernel feature map: a name (`"relu"`, the default
+            and the paper's choice; `"elu+1"`, `"favor+"`, `"hedgehog"`,
+            `"sara"`), a config dict, or a `keras_sara.feature_maps.FeatureMap`.
+        eps: positive constant added to the attention normaliser.
+        causal_schedule: how `use_causal_mask=True` is computed,
+            `"chunked"` (default; lower memory) or `"parallel"` (one cumsum).
+        chunk_size: chunk length of the chunked causal schedule.
+        blend: mix of softmax and linear attention, `(1 - blend) * softmax +
+            blend * linear`. 1 (default): linear only, no extra variable and no
+            softmax in the graph. Below 1: the layer also computes softmax
+            attention (quadratic) and holds the factor in a non-trainable
+            variable (after all other weights) that `set_blend` or an
+            up-training callback changes during `fit`; 0 reproduces
+            `keras.layers.MultiHeadAttention`.
+
+    Call arguments:
+        As `keras.layers.MultiHeadAttention.call`: `query`, `value`, `key`,
+        `query_mask`, `value_mask`, `key_mask`, `attention_mask`,
+        `return_attention_scores`, `training`, `use_causal_mask`.
+
+    Returns:
+        `attention_output` of shape `(B, T, E)`, and with
+        `return_attention_scores=True` also the `(B, H, T, S)` scores.
+
+    Example:
+
+    >>> import numpy as np, keras
+    >>> mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)
+    >>> x = np.random.rand(1, 10, 16).astype("float32")
+    >>> _ = mha(x, x)
+    >>> sara = SARAMultiHeadAttention(num_heads=2, key_dim=8)
+    >>> _ = sara(x, x)
+    >>> sara.set_weights(mha.get_weights())   # same variables, same order
+    >>> sara(x, x, use_causal_mask=True).shape
+    (1, 10, 16)
+
+    References:
+        Leal, Choromanski et al., "SARA-RT: Scaling up Robotics Transformers
+        with Self-Adaptive Robust Attention", ICRA 2024,
+        https://arxiv.org/abs/2312.01990
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        value_dim=None,
+        dropout=0.0,
+        use_bias=True,
+        output_shape=None,
+        attention_axes=None,
+        sliding_window=None,
+        flash_attention=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
+        use_gate=False,
+        seed=None,
+        feature_map="relu",
+        eps=la.DEFAULT_EPS,
+        causal_schedule="chunked",
+        chunk_size=la.DEFAULT_CHUNK_SIZE,
+        blend=1.0,
+        **kwargs,
+    ):
+        super().__init__(
+            num_heads=num_heads,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            dropout=dropout,
+            use_bias=use_bias,
+            output_shape=output_shape,
+            attention_axes=attention_axes,
+            sliding_window=sliding_window,
+            flash_attention=flash_attention,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            use_gate=use_gate,
+            seed=seed,
+            **kwargs,
+        )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"`dropout` must be a float in [0, 1). Received: dropout={dropout!r}")
+        self.eps = la.validate_eps(eps)
+        self.chunk_size = la.validate_chunk_size(chunk_size)
+        if causal_schedule not in la.CAUSAL_SCHEDULES:
+            raise ValueError(
+                f"`causal_schedule` must be one of {la.CAUSAL_SCHEDULES}. "
+                f"Received: causal_schedule={causal_schedule!r}"
+            )
+        self.causal_schedule = causal_schedule
+        if isinstance(blend, bool) or not isinstance(blend, (int, float)) or not 0.0 <= blend <= 1.0:
+            raise ValueError(
+                "`blend` must be a float in [0, 1] (0 = softmax, 1 = linear). "
+                f"Received: blend={blend!r}"
+            )
+        self.blend = float(blend)
+        self.feature_map = fm_lib.get(feature_map)
+        self._blend_state = _BlendState(self.blend, name="blend_state") if self.blend < 1.0 else None
+        self._warned_quadratic = False
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        for name, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
+            if shape is not None and len(shape) < 3:
+                raise ValueError(
+                    f"`{name}` must have rank >= 3, (batch, tokens..., features). "
+                    f"Received: {name}.shape={tuple(shape)}"
+                )
+        if len(value_shape) != len(query_shape):
+            raise ValueError(
+                "`query` and `value` must have the same rank. "
+                f"Received: query.shape={tuple(query_shape)}, value.shape={tuple(value_shape)}"
+            )
+        super().build(query_shape, value_shape, key_shape)
+        self.feature_map.build(self._query_dense.compute_output_shape(query_shape))
+        # Tracked in __init__, so first in `_layers`; move after MHA's sublayers
+        # so its weights come after MHA's in get_weights()/set_weights().
+        for sub in (self.feature_map, self._blend_state):
+            if sub is None:
+                continue
+            if sub in self._layers:
+                self._layers.remove(sub)
+            self._layers.append(sub)
+        if self._blend_state is not None:
+            self._blend_state.build()
+
+    # ------------------------------------------------------------------ blend
+
+    @property
+    def blend_variable(self):
+        """The non-trainable blend variable, or None for a linear-only layer."""
+        return None if self._blend_state is None else self._blend_state.value
+
+    def set_blend(self, value):
+        """Set the softmax-to-linear mix (works inside `fit`, e.g. from a callback)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"`value` must be a float in [0, 1]. Received: value={value!r}")
+        if self._blend_state is None:
+            if value != 1.0:
+                raise ValueError(
+                    "This layer was built linear-only (blend=1.0), so it has no "
+                    "softmax path to blend with. Construct it with blend < 1 "
+                    f"(for example blend=0.0) to schedule a blend. Received: value={value!r}"
+                )
+            return
+        self._blend_state.value.assign(value)
+
+    # ------------------------------------------------------------------- call
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        if key is None:
+            key = value
+        if query_mask is None:
+            query_mask = _kbackend.get_keras_mask(query)
+        for x in (query, value, key):
+            _kbackend.set_keras_mask(x, None)
+        if key_mask is not None and key is value:
+            key_mask = None  # as MHA: the key's mask is the value's
+        rank = len(query.shape)
+        default_axes = self._attention_axes == tuple(range(1, rank - 1))
+        dense = attention_mask is not None or self._sliding_window is not None
+        if not default_axes and (
+            dense or use_causal_mask or value_mask is not None or key_mask is not None
+            or query_mask is not None
+        ):
+            raise ValueError(
+                "Masks and `use_causal_mask` are supported with the default "
+                "`attention_axes` (all axes between batch and features) only. "
+                f"Received: attention_axes={self._attention_axes} for inputs of rank {rank}"
+            )
+        if self._blend_state is not None or dense:
+            full_mask = self._compute_attention_mask(
+                query,
+                value,
+                query_mask=query_mask,
+                value_mask=value_mask,
+                key_mask=key_mask,
+                attention_mask=attention_mask,
+                use_causal_mask=use_causal_mask,
+            )
+        else:
+            full_mask = None
+
+        if self._use_gate:
+            gate = self._gate_dense(query)
+        q = self._query_dense(query)  # (B, T, H, K)
+        k = self._key_dense(key)  # (B, S, H, K)
+        v = self._value_dense(value)  # (B, S, H, V)
+
+        if dense:
+            self._warn_quadratic(attention_mask is not None)
+            linear_out, linear_scores = self._kernel_matrix_attention(
+                q, k, v, full_mask, training, return_attention_scores
+            )
+        else:
+            key_padding = _combine_masks(value_mask, key_mask)
+            linear_out, linear_scores = self._linear_attention(
+                q, k, v, key_padding, query_mask, use_causal_mask, training, return_attention_scores
+            )
+
+        if self._blend_state is not None:
+            soft_out, soft_scores = keras.layers.MultiHeadAttention._compute_attention(
+                self, q, k, v, full_mask, training, return_attention_scores
+            )
+            a = ops.cast(self._blend_state.value, soft_out.dtype)
+            attention_output = (1.0 - a) * soft_out + a * ops.cast(linear_out, soft_out.dtype)
+            if return_attention_scores:
+                a = ops.cast(a, soft_scores.dtype)
+                attention_scores = (1.0 - a) * soft_scores + a * ops.cast(linear_scores, soft_scores.dtype)
+        else:
+            attention_output = linear_out
+            attention_scores = linear_scores
+
+        if self._use_gate:
+            attention_output = ops.multiply(attention_output, gate)
+        attention_output = self._output_dense(attention_output)
+        if query_mask is not None:
+            _kbackend.set_keras_mask(attention_output, query_mask)
+        if return_attention_scores:
+            return attention_output, attention_scores
+        return attention_output
+
+    def _compute_attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask=None,
+        training=None,
+        return_attention_scores=False,
+        use_causal_mask=False,
+    ):
+        """SARA attention on projected tensors (MHA's documented override hook).
+
+        `call` does not go through here; this keeps code that calls the hook
+        directly (keras-hub's cached attention, for example) on SARA.
+        """
+        if attention_mask is not None:
+            self._warn_quadratic(True)
+            out, scores = self._kernel_matrix_attention(
+                query, key, value, attention_mask, training, return_attention_scores
+            )
+        else:
+            out, scores = self._linear_attention(
+                query, key, value, None, None, use_causal_mask, training, return_attention_scores
+            )
+        if self._blend_state is not None:
+            soft_out, soft_scores = keras.layers.MultiHeadAttention._compute_attention(
+                self, query, key, value, attention_mask, training, return_attention_scores, use_causal_mask
+            )
+            a = ops.cast(self._blend_state.value, soft_out.dtype)
+            out = (1.0 - a) * soft_out + a * ops.cast(out, soft_out.dtype)
+            if return_attention_scores:
+                scores = (1.0 - a) * soft_scores + a * ops.cast(scores, soft_scores.dtype)
+        return out, scores
+
+    # ------------------------------------------------------------- internals
+
+    def _features(self, q, k):
+        q_feat = self.feature_map(q, role="query")
+        k_feat = self.feature_map(k, role="key")
+        return q_feat, k_feat
+
+    def _drop_values(self, v, training):
+        """Dropout of whole (key, head) value vectors: numerator only, E[out] kept."""
+        if not training or self._dropout <= 0.0:
+            return v
+        shape = ops.shape(v)
+        noise_shape = tuple(shape[:-1]) + (1,)
+        return keras.random.dropout(
+            v, self._dropout, noise_shape=noise_shape, seed=self._dropout_layer.seed_generator
+        )
+
+    def _linear_attention(
+        self, q, k, v, key_padding, query_mask, causal, training, return_scores
+    ):
+        q_feat, k_feat = self._features(q, k)
+        v_in = self._drop_values(v, training)
+        rank = len(q.shape)
+        if rank == 4:
+            if causal:
+                out = la.causal_linear_attention(
+                    q_feat, k_feat, v_in, key_padding, self.eps, self.causal_schedule, self.chunk_size
+                )
+            else:
+                out = la.linear_attention(q_feat, k_feat, v_in, key_padding, self.eps)
+        else:
+            out = self._multi_axis_linear(q_feat, k_feat, v_in)
+        if query_mask is not None:
+            keep = ops.cast(query_mask, "bool")[:, :, None, None]  # (B, T, 1, 1)
+            out = ops.where(keep, out, ops.zeros_like(out))
+        out = ops.cast(out, self.compute_dtype)
+        scores = None
+        if return_scores:
+            if rank == 4:
+                scores = la.linear_attention_weights(
+                    q_feat, k_feat, key_padding, query_mask, causal, self.eps
+                )
+            else:
+                scores = self._kernel_scores(q_feat, k_feat, None)
+            scores = ops.cast(scores, self.compute_dtype)
+        return out, scores
+
+    def _multi_axis_linear(self, q_feat, k_feat, v):
+        """Linear attention over several attention axes: fold the rest into batch."""
+        rank = len(q_feat.shape)
+        axes = tuple(self._attention_axes)
+        others = tuple(i for i in range(1, rank - 2) if i not in axes)
+        perm = (0,) + others + axes + (rank - 2, rank - 1)
+
+        def fold(x):
+            x = ops.transpose(x, perm)
+            shape = ops.shape(x)
+            lead = shape[0]
+            for i in range(1, 1 + len(others)):
+                lead = lead * shape[i]
+            length = 1
+            for i in range(1 + len(others), 1 + len(others) + len(axes)):
+                length = length * shape[i]
+            return ops.reshape(x, (lead, length, shape[-2], shape[-1])), shape
+
+        qf, q_shape = fold(q_feat)
+        kf, _ = fold(k_feat)
+        vf, _ = fold(v)
+        out = la.linear_attention(qf, kf, vf, None, self.eps)  # (B*, T*, H, V)
+        out = ops.reshape(out, tuple(q_shape[:-1]) + (v.shape[-1],))
+        inverse = [perm.index(i) for i in range(rank)]
+        return ops.transpose(out, inverse)
+
+    def _kernel_scores(self, q_feat, k_feat, mask):
+        """Normalised (B, H, T..., S...) kernel matrix phi(q).phi(k), masked, float32."""
+        scores = ops.einsum(
+            self._dot_product_equation, ops.cast(k_feat, "float32"), ops.cast(q_feat, "float32")
+        )
+        if mask is not None:
+            mask = ops.cast(mask, "bool")
+            expand_axis = -len(self._attention_axes) * 2 - 1
+            for _ in range(len(scores.shape) - len(mask.shape)):
+                mask = ops.expand_dims(mask, axis=expand_axis)
+            scores = ops.where(mask, scores, ops.zeros_like(scores))
+        norm_axes = tuple(range(len(scores.shape) - len(self._attention_axes), len(scores.shape)))
+        return scores / (ops.sum(scores, axis=norm_axes, keepdims=True) + self.eps)
+
+    def _kernel_matrix_attention(self, q, k, v, mask, training, return_scores):
+        """Exact linear attention under an arbitrary mask, through the (T, S) matrix."""
+        q_feat, k_feat = self._features(q, k)
+        v_in = self._drop_values(v, training)
+        scores = self._kernel_scores(q_feat, k_feat, mask)
+        out = ops.einsum(self._combine_equation, scores, ops.cast(v_in, "float32"))
+        out = ops.cast(out, self.compute_dtype)
+        return out, (ops.cast(scores, self.compute_dtype) if return_scores else None)
+
+    def _warn_quadratic(self, from_attention_mask):
+        if self._warned_quadratic:
+            return
+        self._warned_quadratic = True
+        what = "a dense `attention_mask`" if from_attention_mask else "`sliding_window`"
+        warnings.warn(
+            f"SARAMultiHeadAttention '{self.name}' received {what}: it is honoured "
+            "exactly through the (T, S) kernel matrix, at quadratic cost. For the "
+            "linear path, pass padding as `value_mask`/`key_mask` (or Keras masks) "
+            "and causality as `use_causal_mask=True` instead of a dense mask.",
+            stacklevel=3,
+        )
+
+    # ----------------------------------------------------------------- config
+
+    def get_config(self):
+        blend = self.blend
+        if self._blend_state is not None and self._blend_state.built:
+            blend = float(ops.convert_to_numpy(self._blend_state.value))
+        return {
+            **super().get_config(),
+            "flash_attention": self._flash_attention,
+            "feature_map": fm_lib.serialize(self.feature_map),
+            "eps": self.eps,
+            "causal_schedule": self.causal_schedule,
+            "chunk_size": self.chunk_size,
+            "blend": blend,
+        }
+
+
+def _combine_masks(value_mask, key_mask):
+    masks = [ops.cast(m, "bool") for m in (value_mask, key_mask) if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = ops.logical_and(out, m)
+    return out

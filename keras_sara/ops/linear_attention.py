@@ -1,0 +1,327 @@
+"""Linear attention kernels written with `keras.ops` only.
+
+All functions take feature-mapped queries and keys (the output of a
+`keras_sara.feature_maps.FeatureMap`, non-negative in practice) and values:
+
+    q: (B, T, H, M)   phi(queries)
+    k: (B, S, H, M)   phi(keys)
+    v: (B, S, H, D)   values
+
+and return `(B, T, H, D)`:
+
+    out_i = phi(q_i)^T Psi / (phi(q_i)^T Gamma + eps)
+    Psi   = sum_j phi(k_j) v_j^T      (H, M, D)
+    Gamma = sum_j phi(k_j)            (H, M)
+
+where the sums run over all unmasked keys (bidirectional) or over the unmasked
+keys `j <= i` (causal). Sums and the normaliser are always accumulated in
+float32, whatever the input dtype; the result is cast back to `v.dtype`.
+
+Masked keys (`key_mask[b, j] == False`) contribute nothing. A query row whose
+keys are all masked has `Psi = 0` and `Gamma = 0`, so its output is exactly
+zero (0 / eps), never NaN.
+
+Psi and Gamma are computed in one contraction by appending a column of ones to
+the values: `[Psi | Gamma] = sum_j phi(k_j) [v_j, 1]^T`. This saves one pass
+over the queries, which is most of the cost of the core at long lengths.
+
+`keras_sara.ops.naive` holds the slow quadratic reference every function here
+is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from keras import ops
+
+DEFAULT_EPS = 1e-6
+DEFAULT_CHUNK_SIZE = 64
+CAUSAL_SCHEDULES = ("parallel", "chunked")
+
+
+def _shape_str(x) -> str:
+    return str(tuple(x.shape))
+
+
+def validate_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(
+            "`eps` must be a positive float (it keeps the normaliser away from "
+            f"zero). Received: eps={eps!r}"
+        )
+    return float(eps)
+
+
+def validate_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(
+            f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size!r}"
+        )
+    return chunk_size
+
+
+def validate_schedule(schedule) -> str:
+    if schedule not in CAUSAL_SCHEDULES:
+        raise ValueError(
+            f"`schedule` must be one of {CAUSAL_SCHEDULES}. Received: schedule={schedule!r}"
+        )
+    return schedule
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(
+                f"`{name}` must have rank 4, (batch, length, heads, features). "
+                f"Received: {name}.shape={_shape_str(x)}"
+            )
+    if q.shape[-1] is not None and k.shape[-1] is not None and q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            "`q` and `k` must have the same feature size (last axis). "
+            f"Received: q.shape={_shape_str(q)}, k.shape={_shape_str(k)}"
+        )
+    if k.shape[1] is not None and v.shape[1] is not None and k.shape[1] != v.shape[1]:
+        raise ValueError(
+            "`k` and `v` must have the same length (axis 1). "
+            f"Received: k.shape={_shape_str(k)}, v.shape={_shape_str(v)}"
+        )
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[2] is not None and k.shape[2] is not None and x.shape[2] != k.shape[2]:
+            raise ValueError(
+                "`q`, `k` and `v` must have the same number of heads (axis 2). "
+                f"Received: q.shape={_shape_str(q)}, k.shape={_shape_str(k)}, "
+                f"v.shape={_shape_str(v)}"
+            )
+
+
+def _check_key_mask(key_mask, k) -> None:
+    if key_mask is None:
+        return
+    if len(key_mask.shape) != 2:
+        raise ValueError(
+            "`key_mask` must have shape (batch, key_length). "
+            f"Received: key_mask.shape={_shape_str(key_mask)}"
+        )
+    if key_mask.shape[1] is not None and k.shape[1] is not None and key_mask.shape[1] != k.shape[1]:
+        raise ValueError(
+            "`key_mask` length must equal the key length. "
+            f"Received: key_mask.shape={_shape_str(key_mask)}, k.shape={_shape_str(k)}"
+        )
+
+
+def _prepare(q, k, v, key_mask):
+    """float32 copies, masked keys zeroed, values augmented with a ones column."""
+    q = ops.cast(q, "float32")
+    k = ops.cast(k, "float32")
+    v = ops.cast(v, "float32")
+    ones = ops.ones_like(v[..., :1])  # (B, S, H, 1)
+    v_aug = ops.concatenate([v, ones], axis=-1)  # (B, S, H, D+1)
+    if key_mask is not None:
+        keep = ops.expand_dims(ops.expand_dims(ops.cast(key_mask, "bool"), -1), -1)  # (B, S, 1, 1)
+        # `where`, not a product: padded positions may hold inf/NaN garbage.
+        k = ops.where(keep, k, ops.zeros_like(k))
+        v_aug = ops.where(keep, v_aug, ops.zeros_like(v_aug))
+    return q, k, v_aug
+
+
+def _normalise(out_aug, eps, dtype):
+    """(..., D+1) numerator|normaliser -> (..., D) in `dtype`."""
+    num = out_aug[..., :-1]
+    den = out_aug[..., -1:]
+    return ops.cast(num / (den + eps), dtype)
+
+
+def linear_attention(q, k, v, key_mask=None, eps: float = DEFAULT_EPS):
+    """Bidirectional (non-causal) linear attention, O((T + S) * M * D).
+
+    Args:
+        q: feature-mapped queries, `(B, T, H, M)`.
+        k: feature-mapped keys, `(B, S, H, M)`.
+        v: values, `(B, S, H, D)`.
+        key_mask: optional boolean `(B, S)`, False for padded keys.
+        eps: positive constant added to the normaliser.
+
+    Returns:
+        `(B, T, H, D)` in `v.dtype`.
+
+    Example:
+    >>> import numpy as np
+    >>> q = np.random.rand(2, 5, 4, 8).astype("float32")
+    >>> k = np.random.rand(2, 7, 4, 8).astype("float32")
+    >>> v = np.random.rand(2, 7, 4, 16).astype("float32")
+    >>> tuple(linear_attention(q, k, v).shape)
+    (2, 5, 4, 16)
+    """
+    eps = validate_eps(eps)
+    q, k, v = ops.convert_to_tensor(q), ops.convert_to_tensor(k), ops.convert_to_tensor(v)
+    _check_qkv(q, k, v)
+    _check_key_mask(key_mask, k)
+    dtype = v.dtype
+    q, k, v_aug = _prepare(q, k, v, key_mask)
+    kv = ops.einsum("bshm,bshd->bhmd", k, v_aug)  # (B, H, M, D+1): [Psi | Gamma]
+    out_aug = ops.einsum("bthm,bhmd->bthd", q, kv)  # (B, T, H, D+1)
+    return _normalise(out_aug, eps, dtype)
+
+
+def causal_linear_attention(
+    q,
+    k,
+    v,
+    key_mask=None,
+    eps: float = DEFAULT_EPS,
+    schedule: str = "parallel",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+):
+    """Causal linear attention: query i sees keys j <= i. Needs T == S.
+
+    Args:
+        q, k, v, key_mask, eps: as in `linear_attention`.
+        schedule: `"parallel"` (one cumulative sum over time; memory
+            O(T * M * D) per head) or `"chunked"` (the masked quadratic kernel
+            inside chunks of `chunk_size` tokens, plus the (M, D) state
+            carried across chunk boundaries by a prefix sum over the T / C
+            chunks; memory O(T * C + (T / C) * M * D) per head). Use
+            `causal_linear_attention_step` for O(M * D) streaming.
+        chunk_size: chunk length of the `"chunked"` schedule.
+
+    Returns:
+        `(B, T, H, D)` in `v.dtype`.
+
+    Example:
+    >>> import numpy as np
+    >>> x = np.random.rand(1, 10, 2, 4).astype("float32")
+    >>> a = causal_linear_attention(x, x, x, schedule="parallel")
+    >>> b = causal_linear_attention(x, x, x, schedule="chunked", chunk_size=3)
+    >>> bool(np.allclose(a, b, atol=1e-5))
+    True
+    """
+    eps = validate_eps(eps)
+    schedule = validate_schedule(schedule)
+    chunk_size = validate_chunk_size(chunk_size)
+    q, k, v = ops.convert_to_tensor(q), ops.convert_to_tensor(k), ops.convert_to_tensor(v)
+    _check_qkv(q, k, v)
+    _check_key_mask(key_mask, k)
+    if q.shape[1] is not None and k.shape[1] is not None and q.shape[1] != k.shape[1]:
+        raise ValueError(
+            "Causal attention needs as many queries as keys. "
+            f"Received: q.shape={_shape_str(q)}, k.shape={_shape_str(k)}"
+        )
+    if schedule == "parallel":
+        return _causal_parallel(q, k, v, key_mask, eps)
+    return _causal_chunked(q, k, v, key_mask, eps, chunk_size)
+
+
+def _causal_parallel(q, k, v, key_mask, eps):
+    dtype = v.dtype
+    q, k, v_aug = _prepare(q, k, v, key_mask)
+    # Broadcast outer product (not an einsum): converts to builtins-only TFLite.
+    kv = ops.expand_dims(k, -1) * ops.expand_dims(v_aug, -2)  # (B, T, H, M, D+1)
+    kv = ops.cumsum(kv, axis=1)  # prefix sums [Psi_i | Gamma_i]
+    out_aug = ops.sum(ops.expand_dims(q, -1) * kv, axis=-2)  # (B, T, H, D+1)
+    return _normalise(out_aug, eps, dtype)
+
+
+def _causal_chunked(q, k, v, key_mask, eps, chunk_size):
+    dtype = v.dtype
+    q, k, v_aug = _prepare(q, k, v, key_mask)
+    shape = ops.shape(q)
+    batch, length, heads = shape[0], shape[1], shape[2]
+    num_chunks = (length + chunk_size - 1) // chunk_size
+    pad = num_chunks * chunk_size - length
+    # Zero-padded keys add nothing to any sum; padded queries are cut off below.
+    paddings = [[0, 0], [0, pad], [0, 0], [0, 0]]
+    q, k, v_aug = (ops.pad(x, paddings) for x in (q, k, v_aug))
+
+    def to_chunks(x):  # (B, N*C, H, F) -> (B, N, C, H, F)
+        return ops.reshape(x, (batch, num_chunks, chunk_size, heads, x.shape[-1]))
+
+    qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v_aug)
+    # Inside a chunk: the masked (C, C) kernel, as in the quadratic form.
+    idx = ops.arange(chunk_size)
+    tril = ops.cast(ops.expand_dims(idx, 1) >= ops.expand_dims(idx, 0), "float32")  # (C, C)
+    scores = ops.einsum("bnchm,bnshm->bnhcs", qc, kc) * tril  # (B, N, H, C, C)
+    intra = ops.einsum("bnhcs,bnshd->bnchd", scores, vc)  # (B, N, C, H, D+1)
+    # Across chunks: the state carried into chunk n is the sum of the states
+    # of chunks < n (an exclusive prefix sum over N chunks, not over T tokens).
+    chunk_kv = ops.einsum("bnshm,bnshd->bnhmd", kc, vc)  # (B, N, H, M, D+1)
+    carried = ops.cumsum(chunk_kv, axis=1) - chunk_kv  # (B, N, H, M, D+1)
+    inter = ops.einsum("bnchm,bnhmd->bnchd", qc, carried)  # (B, N, C, H, D+1)
+    out = ops.reshape(intra + inter, (batch, num_chunks * chunk_size, heads, v_aug.shape[-1]))
+    return _normalise(out[:, :length], eps, dtype)
+
+
+def initial_state(batch_size, num_heads: int, feature_dim: int, value_dim: int) -> Tuple:
+    """Zero recurrent state `(psi, gamma)`: `(B, H, M, D)` and `(B, H, M)`, float32."""
+    psi = ops.zeros((batch_size, num_heads, feature_dim, value_dim), dtype="float32")
+    gamma = ops.zeros((batch_size, num_heads, feature_dim), dtype="float32")
+    return psi, gamma
+
+
+def causal_linear_attention_step(
+    q_t, k_t, v_t, state: Tuple, key_mask_t=None, eps: float = DEFAULT_EPS
+):
+    """One recurrent step of causal linear attention, O(M * D) per head.
+
+    Args:
+        q_t: feature-mapped query of the new token, `(B, H, M)`.
+        k_t: feature-mapped key of the new token, `(B, H, M)`.
+        v_t: value of the new token, `(B, H, D)`.
+        state: `(psi, gamma)`, `(B, H, M, D)` and `(B, H, M)` float32 prefix
+            sums over the previous tokens (`initial_state` for an empty history).
+        key_mask_t: optional boolean `(B,)`; False leaves the state unchanged
+            (a padded step).
+        eps: positive constant added to the normaliser.
+
+    Returns:
+        `(out_t, (psi, gamma))`: `(B, H, D)` in `v_t.dtype` and the new state.
+        Feeding a sequence through this step token by token reproduces
+        `causal_linear_attention` on the whole sequence.
+    """
+    eps = validate_eps(eps)
+    psi, gamma = state
+    dtype = v_t.dtype
+    q_t, k_t, v_t = (ops.cast(x, "float32") for x in (q_t, k_t, v_t))
+    if key_mask_t is not None:
+        keep = ops.reshape(ops.cast(key_mask_t, "bool"), (-1, 1, 1))  # (B, 1, 1)
+        k_t = ops.where(keep, k_t, ops.zeros_like(k_t))
+        v_t = ops.where(keep, v_t, ops.zeros_like(v_t))
+    psi = psi + ops.expand_dims(k_t, -1) * ops.expand_dims(v_t, -2)  # (B, H, M, D)
+    gamma = gamma + k_t  # (B, H, M)
+    num = ops.sum(ops.expand_dims(q_t, -1) * psi, axis=-2)  # (B, H, D)
+    den = ops.sum(q_t * gamma, axis=-1, keepdims=True)  # (B, H, 1)
+    return ops.cast(num / (den + eps), dtype), (psi, gamma)
+
+
+def linear_attention_weights(
+    q, k, key_mask=None, query_mask=None, causal: bool = False, eps: float = DEFAULT_EPS
+):
+    """The (B, H, T, S) attention matrix that linear attention implies.
+
+    Quadratic in length: a visualisation aid only. Row i holds
+    `phi(q_i).phi(k_j) / (sum_j' phi(q_i).phi(k_j') + eps)` over unmasked keys;
+    applied to the values it gives exactly what the linear kernels compute.
+    """
+    eps = validate_eps(eps)
+    q = ops.cast(q, "float32")
+    k = ops.cast(k, "float32")
+    kernel = ops.einsum("bthm,bshm->bhts", q, k)  # (B, H, T, S)
+    mask = _dense_mask(ops.shape(q)[1], ops.shape(k)[1], key_mask, query_mask, causal)
+    if mask is not None:
+        kernel = ops.where(mask, kernel, ops.zeros_like(kernel))
+    return kernel / (ops.sum(kernel, axis=-1, keepdims=True) + eps)
+
+
+def _dense_mask(t, s, key_mask, query_mask, causal) -> Optional[object]:
+    """Boolean mask broadcastable to (B, H, T, S), or None."""
+    mask = None
+    if key_mask is not None:
+        mask = ops.cast(key_mask, "bool")[:, None, None, :]
+    if query_mask is not None:
+        qm = ops.cast(query_mask, "bool")[:, None, :, None]
+        mask = qm if mask is None else ops.logical_and(mask, qm)
+    if causal:
+        tri = ops.expand_dims(ops.arange(t), 1) >= ops.expand_dims(ops.arange(s), 0)
+        tri = tri[None, None]
+        mask = tri if mask is None else ops.logical_and(mask, tri)
+    return mask
