@@ -83,8 +83,13 @@ class FeatureMap(keras.layers.Layer):
     #: whether `build` creates weights
     learnable = False
 
+    #: default layer name (Keras would derive "re_lu" from "ReLU")
+    default_name = None
+
     def __init__(self, **kwargs):
         kwargs.setdefault("dtype", "float32")
+        if self.default_name:
+            kwargs.setdefault("name", self.default_name)
         super().__init__(**kwargs)
 
     def feature_dim(self, key_dim: int) -> int:
@@ -118,6 +123,8 @@ class ReLU(FeatureMap):
         Leal, Choromanski et al., SARA-RT, https://arxiv.org/abs/2312.01990
     """
 
+    default_name = "relu"
+
     def __init__(self, stabilizer=1e-3, **kwargs):
         super().__init__(**kwargs)
         if isinstance(stabilizer, bool) or not isinstance(stabilizer, (int, float)) or stabilizer < 0:
@@ -142,6 +149,8 @@ class EluPlusOne(FeatureMap):
         Katharopoulos et al., "Transformers are RNNs",
         https://arxiv.org/abs/2006.16236
     """
+
+    default_name = "elu_plus_one"
 
     def call(self, inputs, role="query"):
         _check_role(role)
@@ -198,6 +207,8 @@ class FavorPlus(FeatureMap):
         Choromanski et al., "Rethinking Attention with Performers",
         https://arxiv.org/abs/2009.14794
     """
+
+    default_name = "favor_plus"
 
     learnable = False
 
@@ -281,6 +292,8 @@ class Hedgehog(FeatureMap):
         https://arxiv.org/abs/2402.04347
     """
 
+    default_name = "hedgehog"
+
     learnable = True
 
     def feature_dim(self, key_dim):
@@ -319,6 +332,8 @@ class SARAFeatureMap(FeatureMap):
     References:
         Leal, Choromanski et al., SARA-RT, https://arxiv.org/abs/2312.01990
     """
+
+    default_name = "sara_feature_map"
 
     learnable = True
 

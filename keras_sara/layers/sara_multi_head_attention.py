@@ -206,7 +206,8 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
                 f"Received: query.shape={tuple(query_shape)}, value.shape={tuple(value_shape)}"
             )
         super().build(query_shape, value_shape, key_shape)
-        self.feature_map.build(self._query_dense.compute_output_shape(query_shape))
+        if not self.feature_map.built:  # a deserialised map arrives already built
+            self.feature_map.build(self._query_dense.compute_output_shape(query_shape))
         # Tracked in __init__, so first in `_layers`; move after MHA's sublayers
         # so its weights come after MHA's in get_weights()/set_weights().
         for sub in (self.feature_map, self._blend_state):
@@ -215,7 +216,7 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             if sub in self._layers:
                 self._layers.remove(sub)
             self._layers.append(sub)
-        if self._blend_state is not None:
+        if self._blend_state is not None and not self._blend_state.built:
             self._blend_state.build()
 
     # ------------------------------------------------------------------ blend
@@ -305,8 +306,8 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
 
         if self._blend_state is not None:
-            soft_out, soft_scores = keras.layers.MultiHeadAttention._compute_attention(
-                self, q, k, v, full_mask, training, return_attention_scores
+            soft_out, soft_scores = self._softmax_attention(
+                q, k, v, full_mask, training, return_attention_scores
             )
             a = ops.cast(self._blend_state.value, soft_out.dtype)
             attention_output = (1.0 - a) * soft_out + a * ops.cast(linear_out, soft_out.dtype)
@@ -351,8 +352,8 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
                 query, key, value, None, None, use_causal_mask, training, return_attention_scores
             )
         if self._blend_state is not None:
-            soft_out, soft_scores = keras.layers.MultiHeadAttention._compute_attention(
-                self, query, key, value, attention_mask, training, return_attention_scores, use_causal_mask
+            soft_out, soft_scores = self._softmax_attention(
+                query, key, value, attention_mask, training, return_attention_scores, use_causal_mask
             )
             a = ops.cast(self._blend_state.value, soft_out.dtype)
             out = (1.0 - a) * soft_out + a * ops.cast(out, soft_out.dtype)
@@ -361,6 +362,17 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         return out, scores
 
     # ------------------------------------------------------------- internals
+
+    def _softmax_attention(self, q, k, v, mask, training, return_scores, use_causal_mask=False):
+        """Keras MHA's own softmax attention (the teacher side of a blend)."""
+        # Keras 3.15's fused path (ops.dot_product_attention) fails on JAX when
+        # value_dim != key_dim; asking for the scores takes its einsum path,
+        # which computes the same thing.
+        want_scores = return_scores or self._value_dim != self._key_dim
+        out, scores = keras.layers.MultiHeadAttention._compute_attention(
+            self, q, k, v, mask, training, want_scores, use_causal_mask
+        )
+        return out, (scores if return_scores else None)
 
     def _features(self, q, k):
         q_feat = self.feature_map(q, role="query")
@@ -472,17 +484,20 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
     # ----------------------------------------------------------------- config
 
     def get_config(self):
-        blend = self.blend
-        if self._blend_state is not None and self._blend_state.built:
-            blend = float(ops.convert_to_numpy(self._blend_state.value))
+        # `blend` is the construction choice (linear-only or blendable); the
+        # current factor of a blendable layer is its variable, saved as a weight.
+        feature_map = fm_lib.serialize(self.feature_map)
+        # Built in this layer's `build`, under its name scope, like MHA's own
+        # sublayers: keeps variable paths identical after a reload.
+        feature_map.pop("build_config", None)
         return {
             **super().get_config(),
             "flash_attention": self._flash_attention,
-            "feature_map": fm_lib.serialize(self.feature_map),
+            "feature_map": feature_map,
             "eps": self.eps,
             "causal_schedule": self.causal_schedule,
             "chunk_size": self.chunk_size,
-            "blend": blend,
+            "blend": self.blend,
         }
 
 
