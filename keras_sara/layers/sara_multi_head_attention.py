@@ -219,6 +219,44 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         if self._blend_state is not None and not self._blend_state.built:
             self._blend_state.build()
 
+    # ---------------------------------------------------------------- weights
+
+    def load_mha_weights(self, mha):
+        """Copy a built `keras.layers.MultiHeadAttention`'s weights into this layer.
+
+        Query, key, value (and gate) and output projections are copied one to
+        one; feature-map and blend weights keep their values. Both layers must
+        be built on inputs of the same shapes.
+
+        Example:
+        >>> import numpy as np, keras
+        >>> x = np.zeros((1, 4, 8), "float32")
+        >>> mha = keras.layers.MultiHeadAttention(2, 4); _ = mha(x, x)
+        >>> sara = SARAMultiHeadAttention(2, 4, feature_map="hedgehog", blend=0.0)
+        >>> _ = sara(x, x)
+        >>> sara.load_mha_weights(mha)
+        """
+        if not isinstance(mha, keras.layers.MultiHeadAttention):
+            raise ValueError(
+                "`mha` must be a keras.layers.MultiHeadAttention. "
+                f"Received: mha={type(mha).__name__}"
+            )
+        if not (self.built and mha.built):
+            raise ValueError(
+                "Build both layers (call them once) before copying weights. "
+                f"Received: built={self.built}, mha.built={mha.built}"
+            )
+        ours = self.weights[: len(mha.weights)]
+        theirs = mha.get_weights()
+        shapes = [tuple(w.shape) for w in ours], [tuple(w.shape) for w in theirs]
+        if len(mha.weights) > len(self.weights) or shapes[0] != shapes[1]:
+            raise ValueError(
+                "`mha` does not have this layer's projection weights. "
+                f"Received: mha weight shapes {shapes[1]}, expected {shapes[0]}"
+            )
+        for var, value in zip(ours, theirs):
+            var.assign(value)
+
     # ------------------------------------------------------------------ blend
 
     @property

@@ -69,10 +69,10 @@ def naive_linear_attention(q, k, v, key_mask=None, causal: bool = False, eps: fl
         out = num / (ops.expand_dims(den, -1) + eps)  # (B, T, H, D)
         return ops.cast(out, dtype)
 
-    length = a.shape[2]
     rows = []
-    for t in range(length):
-        a_t = a[:, :, t, : t + 1]  # (B, H, t+1): keys 0..t only
+    # unstack, not a[:, :, t]: each slice would cost a full (B, H, T, S) gradient
+    for t, a_row in enumerate(ops.unstack(a, axis=2)):  # a_row: (B, H, S)
+        a_t = a_row[:, :, : t + 1]  # (B, H, t+1): keys 0..t only
         v_t = v[:, : t + 1]  # (B, t+1, H, D)
         num = ops.einsum("bhs,bshd->bhd", a_t, v_t)  # (B, H, D)
         den = ops.sum(a_t, axis=-1, keepdims=True)  # (B, H, 1)

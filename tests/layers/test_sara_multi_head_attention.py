@@ -394,3 +394,24 @@ def test_bad_call_inputs_name_argument_and_value():
     multi = SARAMultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(2,))
     with pytest.raises(ValueError, match="attention_axes"):
         multi(_x(2, 3, 5, 8), _x(2, 3, 5, 8), use_causal_mask=True)
+
+
+def test_load_mha_weights_keeps_feature_map_and_blend_weights():
+    x = _x(B, T, E)
+    mha = keras.layers.MultiHeadAttention(num_heads=HEADS, key_dim=KEY_DIM)
+    mha(x, x)
+    sara = SARAMultiHeadAttention(num_heads=HEADS, key_dim=KEY_DIM, feature_map="hedgehog", blend=0.0)
+    sara(x, x)
+    fm_before = [to_numpy(w).copy() for w in sara.feature_map.weights]
+    sara.load_mha_weights(mha)
+    for a, b in zip(sara.get_weights(), mha.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(sara.feature_map.weights, fm_before):
+        np.testing.assert_array_equal(to_numpy(a), b)
+    np.testing.assert_allclose(to_numpy(sara(x, x)), to_numpy(mha(x, x)), atol=1e-6)
+    other = keras.layers.MultiHeadAttention(num_heads=HEADS, key_dim=4)
+    other(x, x)
+    with pytest.raises(ValueError, match="weight shapes"):
+        sara.load_mha_weights(other)
+    with pytest.raises(ValueError, match="Received: mha=Dense"):
+        sara.load_mha_weights(keras.layers.Dense(3))
