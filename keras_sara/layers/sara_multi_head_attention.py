@@ -332,6 +332,14 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         k = self._key_dense(key)  # (B, S, H, K)
         v = self._value_dense(value)  # (B, S, H, V)
 
+        if self._can_fuse_output(rank, dense, use_causal_mask, return_attention_scores):
+            attention_output = self._fused_linear_attention(
+                q, k, v, _combine_masks(value_mask, key_mask), query_mask, training
+            )
+            if query_mask is not None:
+                _kbackend.set_keras_mask(attention_output, query_mask)
+            return attention_output
+
         if dense:
             self._warn_quadratic(attention_mask is not None)
             linear_out, linear_scores = self._kernel_matrix_attention(
@@ -400,6 +408,30 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         return out, scores
 
     # ------------------------------------------------------------- internals
+
+    def _can_fuse_output(self, rank, dense, causal, return_scores):
+        """Whether the output projection can be folded into the linear attention."""
+        return (
+            rank == 3
+            and not (dense or causal or return_scores)
+            and self._blend_state is None
+            and not self._use_gate
+            and self._activity_regularizer is None
+            and getattr(self._output_dense, "equation", None) == "abcd,cde->abe"
+            and getattr(self._output_dense, "quantization_mode", None) is None
+        )
+
+    def _fused_linear_attention(self, q, k, v, key_padding, query_mask, training):
+        """Bidirectional linear attention with the output projection folded in."""
+        q_feat, k_feat = self._features(q, k)
+        v_in = self._drop_values(v, training)
+        out = la.linear_attention_projected(
+            q_feat, k_feat, v_in, self._output_dense.kernel, key_padding, query_mask, self.eps
+        )
+        out = ops.cast(out, self.compute_dtype)
+        if self._output_dense.bias is not None:
+            out = out + ops.cast(self._output_dense.bias, self.compute_dtype)
+        return out
 
     def _softmax_attention(self, q, k, v, mask, training, return_scores, use_causal_mask=False):
         """Keras MHA's own softmax attention (the teacher side of a blend)."""

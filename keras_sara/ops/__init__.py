@@ -8,6 +8,7 @@ from keras_sara.ops.linear_attention import (
     causal_linear_attention_step,
     initial_state,
     linear_attention,
+    linear_attention_projected,
     linear_attention_weights,
 )
 from keras_sara.ops import naive
@@ -20,6 +21,7 @@ __all__ = [
     "causal_linear_attention_step",
     "initial_state",
     "linear_attention",
+    "linear_attention_projected",
     "linear_attention_weights",
     "naive",
 ]

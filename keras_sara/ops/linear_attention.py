@@ -164,6 +164,75 @@ def linear_attention(q, k, v, key_mask=None, eps: float = DEFAULT_EPS):
     return _normalise(out_aug, eps, dtype)
 
 
+def linear_attention_projected(
+    q, k, v, output_kernel, key_mask=None, query_mask=None, eps: float = DEFAULT_EPS
+):
+    """Bidirectional linear attention fused with MHA's output projection.
+
+    Computes `sum_h linear_attention(q, k, v)[:, :, h] @ output_kernel[h]`,
+    i.e. attention followed by the `(H, D, E)` output kernel (no bias), but
+    with every large tensor kept in the projections' flat `(B, T, H*M)` layout
+    so that the work is four plain matmuls and no transposes:
+
+        Psi_all = K^T V                          (B, H*M, H*D), one matmul
+        W_eff   = blockdiag(Psi_all) @ W_o       (B, H*M, E),   tiny
+        den     = Q @ blockdiag(Gamma)           (B, T, H)
+        out     = (Q / (den + eps)) @ W_eff      (B, T, E)
+
+    The per-head normaliser is applied to the queries before the heads are
+    summed by the final matmul, which is where the output projection went.
+    The cross-head blocks of `K^T V` are computed and discarded: H times
+    the minimal flops of that product, cheaper here than the transposes a
+    per-head layout needs.
+
+    Args:
+        q, k, v, key_mask, eps: as in `linear_attention`.
+        output_kernel: `(H, D, E)`, the kernel of MHA's output EinsumDense.
+        query_mask: optional boolean `(B, T)`; padded query rows output 0.
+
+    Returns:
+        `(B, T, E)` in `v.dtype`.
+    """
+    eps = validate_eps(eps)
+    q, k, v = ops.convert_to_tensor(q), ops.convert_to_tensor(k), ops.convert_to_tensor(v)
+    _check_qkv(q, k, v)
+    _check_key_mask(key_mask, k)
+    dtype = v.dtype
+    heads, m, d = q.shape[2], q.shape[3], v.shape[3]
+    if tuple(output_kernel.shape[:2]) != (heads, d):
+        raise ValueError(
+            "`output_kernel` must have shape (heads, value_dim, out). "
+            f"Received: output_kernel.shape={tuple(output_kernel.shape)}, v.shape={_shape_str(v)}"
+        )
+    e = output_kernel.shape[2]
+    q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
+    if key_mask is not None:
+        keep = ops.expand_dims(ops.expand_dims(ops.cast(key_mask, "bool"), -1), -1)  # (B, S, 1, 1)
+        k = ops.where(keep, k, ops.zeros_like(k))
+        v = ops.where(keep, v, ops.zeros_like(v))
+    shape_q, shape_k = ops.shape(q), ops.shape(k)
+    qf = ops.reshape(q, (shape_q[0], shape_q[1], heads * m))  # (B, T, H*M)
+    kf = ops.reshape(k, (shape_k[0], shape_k[1], heads * m))  # (B, S, H*M)
+    vf = ops.reshape(v, (shape_k[0], shape_k[1], heads * d))  # (B, S, H*D)
+    # block-diagonal selectors: head of each flat feature / value index
+    head_m = ops.repeat(ops.arange(heads), m)  # (H*M,)
+    head_d = ops.repeat(ops.arange(heads), d)  # (H*D,)
+    same_head = ops.cast(ops.expand_dims(head_m, 1) == ops.expand_dims(head_d, 0), "float32")  # (H*M, H*D)
+    head_onehot = ops.cast(ops.expand_dims(head_m, 1) == ops.expand_dims(ops.arange(heads), 0), "float32")  # (H*M, H)
+
+    psi = ops.einsum("bsi,bsj->bij", kf, vf) * same_head  # (B, H*M, H*D), per-head blocks kept
+    w_o = ops.reshape(ops.cast(output_kernel, "float32"), (heads * d, e))  # (H*D, E)
+    w_eff = ops.matmul(psi, w_o)  # (B, H*M, E)
+    gamma = ops.sum(kf, axis=1)  # (B, H*M)
+    den = ops.matmul(qf, ops.expand_dims(gamma, -1) * head_onehot)  # (B, T, H)
+    if query_mask is not None:
+        # padded queries: den -> inf so their rows come out exactly 0
+        den = ops.where(ops.expand_dims(ops.cast(query_mask, "bool"), -1), den, ops.full_like(den, float("inf")))
+    scale = 1.0 / (den + eps)  # (B, T, H)
+    q_scaled = ops.reshape(q * ops.expand_dims(scale, -1), (shape_q[0], shape_q[1], heads * m))  # (B, T, H*M)
+    return ops.cast(ops.matmul(q_scaled, w_eff), dtype)  # (B, T, E)
+
+
 def causal_linear_attention(
     q,
     k,

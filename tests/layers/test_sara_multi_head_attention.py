@@ -230,10 +230,11 @@ def test_keras_implicit_masks_take_the_linear_path_and_equal_explicit_masks():
     emb = keras.layers.Embedding(10, E, mask_zero=True)
     sara = SARAMultiHeadAttention(num_heads=HEADS, key_dim=KEY_DIM)
     x = emb(tokens)
-    with mock.patch.object(la, "linear_attention", wraps=la.linear_attention) as spy:
+    with mock.patch.object(la, "linear_attention_projected", wraps=la.linear_attention_projected) as spy:
         implicit = to_numpy(sara(x, x))
     assert spy.call_count == 1
-    assert spy.call_args.args[3] is not None  # a key padding mask was passed
+    assert spy.call_args.args[4] is not None  # a key padding mask was passed
+    assert spy.call_args.args[5] is not None  # and the query mask
     valid = tokens != 0
     explicit = to_numpy(sara(x, x, query_mask=valid, value_mask=valid))
     np.testing.assert_allclose(implicit, explicit, atol=1e-6)
@@ -245,21 +246,27 @@ def test_keras_implicit_masks_take_the_linear_path_and_equal_explicit_masks():
 def test_paths_are_chosen_as_documented():
     _, sara = _pair()
     x = _x(B, T, E)
-    with mock.patch.object(la, "linear_attention", wraps=la.linear_attention) as bi, mock.patch.object(
+    with mock.patch.object(la, "linear_attention_projected", wraps=la.linear_attention_projected) as fused, mock.patch.object(
+        la, "linear_attention", wraps=la.linear_attention
+    ) as bi, mock.patch.object(
         la, "causal_linear_attention", wraps=la.causal_linear_attention
     ) as causal, mock.patch.object(
         SARAMultiHeadAttention, "_kernel_matrix_attention", autospec=True,
         side_effect=SARAMultiHeadAttention._kernel_matrix_attention,
     ) as quadratic:
-        sara(x, x)
-        assert (bi.call_count, causal.call_count, quadratic.call_count) == (1, 0, 0)
+        counts = lambda: (fused.call_count, bi.call_count, causal.call_count, quadratic.call_count)
+        y_fused = sara(x, x)  # bidirectional, rank 3: output projection folded in
+        assert counts() == (1, 0, 0, 0)
+        y_plain, _ = sara(x, x, return_attention_scores=True)  # needs per-head outputs
+        assert counts() == (1, 1, 0, 0)
+        assert rel_err(y_fused, y_plain) <= 1e-5
         sara(x, x, use_causal_mask=True, value_mask=np.ones((B, T), bool))
-        assert (bi.call_count, causal.call_count, quadratic.call_count) == (1, 1, 0)
+        assert counts() == (1, 1, 1, 0)
         assert causal.call_args.args[5] == "chunked"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sara(x, x, attention_mask=np.ones((B, T, T), bool))
-        assert (bi.call_count, causal.call_count, quadratic.call_count) == (1, 1, 1)
+        assert counts() == (1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("schedule", ["chunked", "parallel"])
