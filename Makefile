@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # tests that must pass on every backend (ops, feature maps, layers)
-MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py
+MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion
 
 .PHONY: venv test test-tensorflow test-jax test-torch demo bench clean
 
@@ -13,7 +13,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[jax,torch,dev]"
+	$(PY) -m pip install --quiet -e ".[jax,torch,dev,hub]"
+	$(PY) -m pip install --quiet --no-deps keras-hub==0.32.0
 	touch $(STAMP)
 
 test: test-tensorflow test-jax test-torch
