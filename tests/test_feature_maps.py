@@ -72,7 +72,9 @@ def test_default_is_relu_and_errors_name_the_value():
 
 def test_relu_and_elu_formulas():
     x = _x()
-    np.testing.assert_allclose(to_numpy(feature_maps.ReLU(stabilizer=1e-3)(x)), np.maximum(x, 0) + 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(feature_maps.ReLU(stabilizer=1e-3)(x)), np.maximum(x, 1e-3), rtol=1e-6)
+    # the same as Performer's relu(x) + c of the input shifted by c
+    np.testing.assert_allclose(to_numpy(feature_maps.ReLU(stabilizer=1e-3)(x)), np.maximum(x - 1e-3, 0) + 1e-3, rtol=1e-6, atol=1e-7)
     elu = np.where(x > 0, x, np.expm1(x)) + 1
     np.testing.assert_allclose(to_numpy(feature_maps.EluPlusOne()(x)), elu, rtol=1e-5, atol=1e-6)
 
@@ -81,7 +83,7 @@ def test_learnable_maps_start_at_their_fixed_form():
     x = _x()
     sara = feature_maps.SARAFeatureMap()
     for role in ("query", "key"):
-        np.testing.assert_allclose(to_numpy(sara(x, role=role)), np.maximum(x, 0) + 1e-3, rtol=1e-6)
+        np.testing.assert_allclose(to_numpy(sara(x, role=role)), to_numpy(feature_maps.ReLU()(x)), rtol=1e-6)
     hh = to_numpy(feature_maps.Hedgehog()(x, role="query"))  # identity W, zero b
     z = np.concatenate([x, -x], -1)
     want = np.exp(z - z.max(-1, keepdims=True))  # query stabiliser: own-row max
@@ -117,7 +119,7 @@ def test_favor_plus_estimates_softmax_attention():
     soft = np.exp(logits - logits.max(-1, keepdims=True))
     soft /= soft.sum(-1, keepdims=True)
     assert rel_err(got, soft) < 0.1  # a Monte Carlo estimate with 512 features
-    relu_w = _attention_weights(np.maximum(q, 0) + 1e-3, np.maximum(k, 0) + 1e-3)
+    relu_w = _attention_weights(np.maximum(q, 1e-3), np.maximum(k, 1e-3))
     assert rel_err(got, soft) < rel_err(relu_w, soft)  # and far better than an unrelated kernel
 
 
