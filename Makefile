@@ -23,7 +23,9 @@ test-tensorflow: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests
 
 test-jax: $(STAMP)
-	KERAS_BACKEND=jax $(PY) -m pytest -q $(MULTIBACKEND_TESTS)
+	# tests compile many small programs once each: cheap XLA passes halve the time
+	KERAS_BACKEND=jax XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true" \
+		$(PY) -m pytest -q $(MULTIBACKEND_TESTS)
 
 test-torch: $(STAMP)
 	KERAS_BACKEND=torch $(PY) -m pytest -q $(MULTIBACKEND_TESTS)

@@ -31,6 +31,8 @@ is tested against.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Tuple
 
 from keras import ops
@@ -45,20 +47,20 @@ def _shape_str(x) -> str:
 
 
 def validate_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(
-            "`eps` must be a positive float (it keeps the normaliser away from "
-            f"zero). Received: eps={eps!r}"
+            "`eps` must be a positive, finite float (it keeps the normaliser "
+            f"away from zero). Received: eps={eps!r}"
         )
     return float(eps)
 
 
 def validate_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
         raise ValueError(
             f"`chunk_size` must be a positive integer. Received: chunk_size={chunk_size!r}"
         )
-    return chunk_size
+    return int(chunk_size)
 
 
 def validate_schedule(schedule) -> str:
@@ -86,6 +88,13 @@ def _check_qkv(q, k, v) -> None:
             "`k` and `v` must have the same length (axis 1). "
             f"Received: k.shape={_shape_str(k)}, v.shape={_shape_str(v)}"
         )
+    for name, x in (("q", q), ("v", v)):
+        if x.shape[0] is not None and k.shape[0] is not None and x.shape[0] != k.shape[0]:
+            raise ValueError(
+                "`q`, `k` and `v` must have the same batch size (axis 0). "
+                f"Received: q.shape={_shape_str(q)}, k.shape={_shape_str(k)}, "
+                f"v.shape={_shape_str(v)}"
+            )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.shape[2] is not None and k.shape[2] is not None and x.shape[2] != k.shape[2]:
             raise ValueError(
@@ -314,7 +323,9 @@ def _causal_chunked(q, k, v, key_mask, eps, chunk_size):
     # Across chunks: the state carried into chunk n is the sum of the states
     # of chunks < n (an exclusive prefix sum over N chunks, not over T tokens).
     chunk_kv = ops.einsum("bnshm,bnshd->bnhmd", kc, vc)  # (B, N, H, M, D+1)
-    carried = ops.cumsum(chunk_kv, axis=1) - chunk_kv  # (B, N, H, M, D+1)
+    # Shifted, not `cumsum - chunk_kv`: the subtraction's gradient cancels
+    # catastrophically next to a query with no visible key (d out/d num = 1/eps).
+    carried = ops.pad(ops.cumsum(chunk_kv, axis=1)[:, :-1], [[0, 0], [1, 0], [0, 0], [0, 0], [0, 0]])  # (B, N, H, M, D+1)
     inter = ops.einsum("bnchm,bnhmd->bnchd", qc, carried)  # (B, N, C, H, D+1)
     out = ops.reshape(intra + inter, (batch, num_chunks * chunk_size, heads, v_aug.shape[-1]))
     return _normalise(out[:, :length], eps, dtype)
@@ -349,6 +360,24 @@ def causal_linear_attention_step(
     """
     eps = validate_eps(eps)
     psi, gamma = state
+    q_t, k_t, v_t = (ops.convert_to_tensor(x) for x in (q_t, k_t, v_t))
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        if len(x.shape) != 3:
+            raise ValueError(
+                f"`{name}` must have rank 3, (batch, heads, features): one token. "
+                f"Received: {name}.shape={_shape_str(x)}"
+            )
+    if tuple(psi.shape[1:]) != (k_t.shape[1], k_t.shape[2], v_t.shape[2]):
+        raise ValueError(
+            "`state` does not fit this token: psi must be (batch, heads, features, "
+            f"value_dim). Received: psi.shape={_shape_str(psi)}, k_t.shape="
+            f"{_shape_str(k_t)}, v_t.shape={_shape_str(v_t)}"
+        )
+    if key_mask_t is not None and len(ops.convert_to_tensor(key_mask_t).shape) != 1:
+        raise ValueError(
+            "`key_mask_t` must have shape (batch,). "
+            f"Received: key_mask_t.shape={_shape_str(ops.convert_to_tensor(key_mask_t))}"
+        )
     dtype = v_t.dtype
     q_t, k_t, v_t = (ops.cast(x, "float32") for x in (q_t, k_t, v_t))
     if key_mask_t is not None:
@@ -372,6 +401,14 @@ def linear_attention_weights(
     applied to the values it gives exactly what the linear kernels compute.
     """
     eps = validate_eps(eps)
+    q, k = ops.convert_to_tensor(q), ops.convert_to_tensor(k)
+    _check_qkv(q, k, k)
+    _check_key_mask(key_mask, k)
+    if causal and q.shape[1] is not None and k.shape[1] is not None and q.shape[1] != k.shape[1]:
+        raise ValueError(
+            "Causal attention needs as many queries as keys. "
+            f"Received: q.shape={_shape_str(q)}, k.shape={_shape_str(k)}"
+        )
     q = ops.cast(q, "float32")
     k = ops.cast(k, "float32")
     kernel = ops.einsum("bthm,bshm->bhts", q, k)  # (B, H, T, S)

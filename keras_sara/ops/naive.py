@@ -69,12 +69,17 @@ def naive_linear_attention(q, k, v, key_mask=None, causal: bool = False, eps: fl
         out = num / (ops.expand_dims(den, -1) + eps)  # (B, T, H, D)
         return ops.cast(out, dtype)
 
+    key_pos = ops.arange(a.shape[3])  # (S,)
     rows = []
-    # unstack, not a[:, :, t]: each slice would cost a full (B, H, T, S) gradient
-    for t, a_row in enumerate(ops.unstack(a, axis=2)):  # a_row: (B, H, S)
-        a_t = a_row[:, :, : t + 1]  # (B, H, t+1): keys 0..t only
-        v_t = v[:, : t + 1]  # (B, t+1, H, D)
-        num = ops.einsum("bhs,bshd->bhd", a_t, v_t)  # (B, H, D)
+    # Row t by `take` and future keys dropped by `where`, not by slicing: every
+    # step then has the same shapes and a gather-shaped gradient, which keeps
+    # the loop cheap on every backend (a slice a[:, :, t, :t+1] costs a full
+    # (B, H, T, S) gradient per step in TensorFlow and a compilation per step
+    # in JAX).
+    for t in range(a.shape[2]):
+        a_t = ops.take(a, t, axis=2)  # (B, H, S): row t of the kernel matrix
+        a_t = ops.where(key_pos <= t, a_t, ops.zeros_like(a_t))  # keys 0..t only
+        num = ops.einsum("bhs,bshd->bhd", a_t, v)  # (B, H, D)
         den = ops.sum(a_t, axis=-1, keepdims=True)  # (B, H, 1)
         rows.append(num / (den + eps))
     out = ops.stack(rows, axis=1)  # (B, T, H, D)
