@@ -280,6 +280,17 @@ class _PerHeadLinear:
         return np.tile(np.eye(dim, dtype="float32")[None], (heads, 1, 1))
 
     @staticmethod
+    def add_weights(layer, input_shape, vector_name, vector_init):
+        """Per role: `<role>_kernel` (H, d, d) = identity and `<role>_<vector_name>` (H, d)."""
+        heads, dim = int(input_shape[-2]), int(input_shape[-1])
+        eye = keras.initializers.Constant(_PerHeadLinear.identity_kernel(heads, dim))
+        for role in ROLES:
+            kernel = layer.add_weight(name=f"{role}_kernel", shape=(heads, dim, dim), initializer=eye)
+            vector = layer.add_weight(name=f"{role}_{vector_name}", shape=(heads, dim), initializer=vector_init)
+            setattr(layer, f"{role}_kernel", kernel)
+            setattr(layer, f"{role}_{vector_name}", vector)
+
+    @staticmethod
     def apply(x, kernel, bias=None):
         y = ops.einsum("...hd,hde->...he", x, kernel)  # (B, ..., H, e)
         return y if bias is None else y + bias
@@ -306,11 +317,7 @@ class Hedgehog(FeatureMap):
         return 2 * key_dim
 
     def build(self, input_shape):
-        heads, dim = int(input_shape[-2]), int(input_shape[-1])
-        eye = keras.initializers.Constant(_PerHeadLinear.identity_kernel(heads, dim))
-        for role in ROLES:
-            setattr(self, f"{role}_kernel", self.add_weight(name=f"{role}_kernel", shape=(heads, dim, dim), initializer=eye))
-            setattr(self, f"{role}_bias", self.add_weight(name=f"{role}_bias", shape=(heads, dim), initializer="zeros"))
+        _PerHeadLinear.add_weights(self, input_shape, "bias", "zeros")
 
     def call(self, inputs, role="query"):
         _check_role(role)
@@ -358,11 +365,7 @@ class SARAFeatureMap(FeatureMap):
         self.stabilizer = float(stabilizer)
 
     def build(self, input_shape):
-        heads, dim = int(input_shape[-2]), int(input_shape[-1])
-        eye = keras.initializers.Constant(_PerHeadLinear.identity_kernel(heads, dim))
-        for role in ROLES:
-            setattr(self, f"{role}_kernel", self.add_weight(name=f"{role}_kernel", shape=(heads, dim, dim), initializer=eye))
-            setattr(self, f"{role}_scale", self.add_weight(name=f"{role}_scale", shape=(heads, dim), initializer="ones"))
+        _PerHeadLinear.add_weights(self, input_shape, "scale", "ones")
 
     def call(self, inputs, role="query"):
         _check_role(role)
