@@ -32,7 +32,7 @@ test-torch: $(STAMP)
 
 demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) examples/quickstart.py
-	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py --quick
+	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py --quick --out-dir benchmarks/results/quick
 
 bench: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py
