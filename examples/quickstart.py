@@ -67,6 +67,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=REPEATS)
     args = parser.parse_args(argv)
     print(f"Keras {keras.__version__}, backend {keras.backend.backend()}, keras-sara {keras_sara.__version__}")
+    keras.utils.set_random_seed(0)  # the same random "trained" weights every run
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 64, args.width)).astype("float32")
