@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import keras
@@ -10,10 +9,7 @@ from keras import ops
 from keras.src import backend as _kbackend  # Keras masks have no public accessor
 
 from keras_sara import feature_maps as fm_lib
-from keras_sara.ops import linear_attention as _la_module  # noqa: F401  (the function)
-import sys
-
-la = sys.modules["keras_sara.ops.linear_attention"]  # the module, not the function
+from keras_sara.ops import kernels as la
 
 
 class _BlendState(keras.layers.Layer):
@@ -355,11 +351,9 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             soft_out, soft_scores = self._softmax_attention(
                 q, k, v, full_mask, training, return_attention_scores
             )
-            a = ops.cast(self._blend_state.value, soft_out.dtype)
-            attention_output = (1.0 - a) * soft_out + a * ops.cast(linear_out, soft_out.dtype)
+            attention_output = self._mix(soft_out, linear_out)
             if return_attention_scores:
-                a = ops.cast(a, soft_scores.dtype)
-                attention_scores = (1.0 - a) * soft_scores + a * ops.cast(linear_scores, soft_scores.dtype)
+                attention_scores = self._mix(soft_scores, linear_scores)
         else:
             attention_output = linear_out
             attention_scores = linear_scores
@@ -401,10 +395,9 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             soft_out, soft_scores = self._softmax_attention(
                 query, key, value, attention_mask, training, return_attention_scores, use_causal_mask
             )
-            a = ops.cast(self._blend_state.value, soft_out.dtype)
-            out = (1.0 - a) * soft_out + a * ops.cast(out, soft_out.dtype)
+            out = self._mix(soft_out, out)
             if return_attention_scores:
-                scores = (1.0 - a) * soft_scores + a * ops.cast(scores, soft_scores.dtype)
+                scores = self._mix(soft_scores, scores)
         return out, scores
 
     # ------------------------------------------------------------- internals
@@ -443,6 +436,11 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             self, q, k, v, mask, training, want_scores, use_causal_mask
         )
         return out, (scores if return_scores else None)
+
+    def _mix(self, softmax, linear):
+        """`(1 - blend) * softmax + blend * linear`, in softmax's dtype."""
+        a = ops.cast(self._blend_state.value, softmax.dtype)
+        return (1.0 - a) * softmax + a * ops.cast(linear, softmax.dtype)
 
     def _features(self, q, k):
         q_feat = self.feature_map(q, role="query")

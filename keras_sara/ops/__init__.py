@@ -1,6 +1,6 @@
 """Linear-attention kernels (keras.ops only) and their naive references."""
 
-from keras_sara.ops.linear_attention import (
+from keras_sara.ops.kernels import (
     CAUSAL_SCHEDULES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_EPS,

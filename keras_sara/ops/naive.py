@@ -1,6 +1,6 @@
 """Slow, obviously-correct references for the kernels in `linear_attention`.
 
-Every fast schedule in `keras_sara.ops.linear_attention` is tested against the
+Every fast schedule in `keras_sara.ops.kernels` is tested against the
 functions here. They take the same feature-mapped inputs,
 
     q: (B, T, H, M)   phi(queries)

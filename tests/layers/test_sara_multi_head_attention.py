@@ -1,6 +1,5 @@
 """SARAMultiHeadAttention: drop-in behaviour, exactness, paths, errors (every backend)."""
 
-import sys
 import warnings
 from unittest import mock
 
@@ -10,12 +9,12 @@ import pytest
 
 from keras_sara import feature_maps
 from keras_sara.layers import SARAMultiHeadAttention
+from keras_sara.ops import kernels as la
 from keras_sara.ops import naive
 from tests.backend_utils import backend, rel_err, to_numpy
 from tests.graph_utils import has_square, intermediate_shapes
 from tests.layer_test_utils import run_layer_test
 
-la = sys.modules["keras_sara.ops.linear_attention"]
 FEATURE_MAPS = ["relu", "elu+1", "favor+", "hedgehog", "sara"]
 B, T, S, E, HEADS, KEY_DIM = 2, 11, 7, 16, 2, 8
 

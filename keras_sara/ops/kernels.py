@@ -119,6 +119,15 @@ def _check_key_mask(key_mask, k) -> None:
         )
 
 
+def _drop_masked_keys(k, v, key_mask, keep_shape):
+    """Zero masked keys and values with `where`, not a product: padded
+    positions may hold inf/NaN garbage. `keep_shape` reshapes the mask."""
+    if key_mask is None:
+        return k, v
+    keep = ops.reshape(ops.cast(key_mask, "bool"), keep_shape)
+    return ops.where(keep, k, ops.zeros_like(k)), ops.where(keep, v, ops.zeros_like(v))
+
+
 def _prepare(q, k, v, key_mask):
     """float32 copies, masked keys zeroed, values augmented with a ones column."""
     q = ops.cast(q, "float32")
@@ -126,11 +135,7 @@ def _prepare(q, k, v, key_mask):
     v = ops.cast(v, "float32")
     ones = ops.ones_like(v[..., :1])  # (B, S, H, 1)
     v_aug = ops.concatenate([v, ones], axis=-1)  # (B, S, H, D+1)
-    if key_mask is not None:
-        keep = ops.expand_dims(ops.expand_dims(ops.cast(key_mask, "bool"), -1), -1)  # (B, S, 1, 1)
-        # `where`, not a product: padded positions may hold inf/NaN garbage.
-        k = ops.where(keep, k, ops.zeros_like(k))
-        v_aug = ops.where(keep, v_aug, ops.zeros_like(v_aug))
+    k, v_aug = _drop_masked_keys(k, v_aug, key_mask, (ops.shape(k)[0], -1, 1, 1))  # mask (B, S, 1, 1)
     return q, k, v_aug
 
 
@@ -215,10 +220,7 @@ def linear_attention_projected(
         )
     e = output_kernel.shape[2]
     q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
-    if key_mask is not None:
-        keep = ops.expand_dims(ops.expand_dims(ops.cast(key_mask, "bool"), -1), -1)  # (B, S, 1, 1)
-        k = ops.where(keep, k, ops.zeros_like(k))
-        v = ops.where(keep, v, ops.zeros_like(v))
+    k, v = _drop_masked_keys(k, v, key_mask, (ops.shape(k)[0], -1, 1, 1))  # mask (B, S, 1, 1)
     shape_q, shape_k = ops.shape(q), ops.shape(k)
     qf = ops.reshape(q, (shape_q[0], shape_q[1], heads * m))  # (B, T, H*M)
     kf = ops.reshape(k, (shape_k[0], shape_k[1], heads * m))  # (B, S, H*M)
@@ -380,10 +382,7 @@ def causal_linear_attention_step(
         )
     dtype = v_t.dtype
     q_t, k_t, v_t = (ops.cast(x, "float32") for x in (q_t, k_t, v_t))
-    if key_mask_t is not None:
-        keep = ops.reshape(ops.cast(key_mask_t, "bool"), (-1, 1, 1))  # (B, 1, 1)
-        k_t = ops.where(keep, k_t, ops.zeros_like(k_t))
-        v_t = ops.where(keep, v_t, ops.zeros_like(v_t))
+    k_t, v_t = _drop_masked_keys(k_t, v_t, key_mask_t, (-1, 1, 1))  # mask (B, 1, 1)
     psi = psi + ops.expand_dims(k_t, -1) * ops.expand_dims(v_t, -2)  # (B, H, M, D)
     gamma = gamma + k_t  # (B, H, M)
     num = ops.sum(ops.expand_dims(q_t, -1) * psi, axis=-2)  # (B, H, D)
