@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # tests that must pass on every backend (ops, feature maps, layers)
-MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion
+MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion tests/test_callbacks.py
 
 .PHONY: venv test test-tensorflow test-jax test-torch demo bench clean
 

@@ -3,14 +3,15 @@
     import keras_sara
     attn = keras_sara.layers.SARAMultiHeadAttention(num_heads=4, key_dim=32)
     student, report = keras_sara.convert(teacher)   # softmax attention -> SARA
+    student.fit(..., callbacks=[keras_sara.callbacks.UpTraining()])  # up-training
 
 Importing the package registers every layer and feature map, and the
 converted layers and models that `convert` makes, for `keras.saving`, so
 `.keras` files that use them load with no extra argument.
 """
 
-from keras_sara import conversion, feature_maps, layers, ops
-from keras_sara.conversion import ConversionReport, clone_function, convert, make_clone_function
+from keras_sara import callbacks, conversion, feature_maps, layers, ops
+from keras_sara.conversion import ConversionReport, clone_function, convert, finalize, make_clone_function
 from keras_sara.layers import SARAMultiHeadAttention
 
 __version__ = "0.1.0"
@@ -18,10 +19,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ConversionReport",
     "SARAMultiHeadAttention",
+    "callbacks",
     "clone_function",
     "conversion",
     "convert",
     "feature_maps",
+    "finalize",
     "layers",
     "make_clone_function",
     "ops",

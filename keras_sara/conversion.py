@@ -516,7 +516,12 @@ def _descend(root, parent_index):
 def _record_swap(root, parent_index, refs, pending_config=None) -> int:
     if "_sara_swaps" not in vars(root):
         object.__setattr__(root, "_sara_swaps", [])
-    root._sara_swaps.append([list(parent_index), [[list(step) for step in r] for r in refs], pending_config])
+    entry = [list(parent_index), [[list(step) for step in r] for r in refs], pending_config]
+    for i, known in enumerate(root._sara_swaps):
+        if known[:2] == entry[:2]:  # swapped again (finalize): one record per place
+            root._sara_swaps[i] = entry
+            return i
+    root._sara_swaps.append(entry)
     return len(root._sara_swaps) - 1
 
 
@@ -672,7 +677,8 @@ clone_function = make_clone_function()
 class _Context:
     """State of one `convert` call."""
 
-    def __init__(self, feature_map, sara_kwargs, selected_ids):
+    def __init__(self, feature_map, sara_kwargs, selected_ids, finalize=False):
+        self.finalize = finalize  # SARA(blend < 1) -> linear-only SARA, not MHA -> SARA
         self.feature_map = feature_map
         self.sara_kwargs = sara_kwargs
         self.selected_ids = selected_ids
@@ -739,6 +745,8 @@ def _convert_layer(orig, copy, path, ctx):
 def _convert_attention(orig, copy, path, ctx):
     if id(orig) not in ctx.selected_ids:
         return copy
+    if ctx.finalize:
+        return _linear_only(orig, copy, path, ctx)
     sara = _new_sara(copy, ctx.feature_map, ctx.sara_kwargs)
     _build_like(sara, copy)
     left = _copy_attention_weights(sara, copy)
@@ -752,6 +760,26 @@ def _convert_attention(orig, copy, path, ctx):
     )
     ctx.pairs.append((orig, sara))
     return sara
+
+
+def _linear_only(orig, copy, path, ctx):
+    """A linear-only SARA layer with `copy`'s weights (its blend state dropped)."""
+    config = copy.get_config()
+    config["blend"] = 1.0
+    new = SARAMultiHeadAttention.from_config(config)
+    _build_like(new, copy)
+    kept = copy.weights[: len(new.weights)]
+    if [tuple(w.shape) for w in kept] != [tuple(w.shape) for w in new.weights]:
+        raise RuntimeError(f"Weight layout of '{path}' changed when finalizing: please report this bug.")
+    for dst, src in zip(new.weights, kept):
+        dst.assign(src)
+    blend = float(keras.ops.convert_to_numpy(orig.blend_variable))
+    ctx.converted.append(ConvertedLayer(
+        path, type(orig).__name__, type(new).__name__, _feature_map_label(copy.feature_map),
+        f"softmax branch removed (blend was {blend:g})",
+    ))
+    ctx.pairs.append((orig, new))
+    return new
 
 
 def _has_selected(layer, ctx) -> bool:
@@ -1022,3 +1050,74 @@ def _measure(teacher, student, probe, report) -> None:
     ref = np.concatenate([y.ravel() for y in b])
     report.max_abs_error = float(np.max(np.abs(diff))) if diff.size else 0.0
     report.relative_error = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), np.finfo(np.float64).tiny))
+
+
+def finalize(model, verify: bool = True, probe=None):
+    """Make every blendable SARA layer linear-only, for inference and export.
+
+    A model converted with `blend < 1` (for a blend schedule or attention
+    distillation) still computes softmax attention beside the linear one,
+    even once the blend factor reaches 1. `finalize` returns a copy whose
+    SARA layers are rebuilt with `blend=1.0`: same weights (the blend state
+    is dropped), no softmax in the graph, linear cost, the fused fast path.
+    The original model is left untouched; layers that are already
+    linear-only are kept as they are.
+
+    Args:
+        model: a built `keras.Model` holding SARA layers.
+        verify: compare outputs before and after on a probe batch; a model
+            whose blend factors are all 1 must not move (relative error at
+            most 1e-4, else RuntimeError).
+        probe: inputs for that comparison (default: built from the model's
+            input shapes, as in `convert`).
+
+    Returns:
+        The linear-only model.
+
+    Example:
+
+    >>> student, _ = keras_sara.convert(teacher, blend=0.0)     # doctest: +SKIP
+    >>> student.fit(..., callbacks=[keras_sara.callbacks.UpTraining(
+    ...     schedule="cosine", blend_steps=500)])              # doctest: +SKIP
+    >>> robot_policy = keras_sara.finalize(student)            # doctest: +SKIP
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "`model` must be a keras.Model. "
+            f"Received: model of type {type(model).__module__}.{type(model).__qualname__}"
+        )
+    if not model.built:
+        raise ValueError(f"`model` must be built. Received: model '{model.name}' with built=False")
+    blendable = [
+        (p, l) for p, l in _attention_layers(model)
+        if isinstance(l, SARAMultiHeadAttention) and l.blend_variable is not None
+    ]
+    if not blendable:
+        return model
+    blends = {p: float(keras.ops.convert_to_numpy(l.blend_variable)) for p, l in blendable}
+    unfinished = {p: b for p, b in blends.items() if b < 1.0}
+    if unfinished:
+        warnings.warn(
+            f"finalize: blend factor below 1 for {unfinished}; the linear-only model "
+            "drops their softmax share, so its outputs differ from the blended model's. "
+            "Run the blend schedule to its end (UpTraining(blend_steps=...)) first.",
+            UserWarning,
+            stacklevel=2,
+        )
+    ctx = _Context(None, {}, {id(l) for _, l in blendable}, finalize=True)
+    copy = _copy_model(model)
+    final = _convert_layer(model, copy, "", ctx)
+    _refresh_torch_params(final)
+    if verify and not unfinished:
+        sample = _make_probe(model, probe)
+        if sample is not None:
+            a, b = _outputs(final, sample), _outputs(model, sample)
+            num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(a, b))
+            den = sum(float(np.sum(y**2)) for y in b)
+            rel = (num / max(den, 1e-300)) ** 0.5
+            if rel > 1e-4:
+                raise RuntimeError(
+                    f"finalize changed the outputs of '{model.name}' (relative error {rel:.2e}) "
+                    "although every blend factor is 1: please report this bug."
+                )
+    return final

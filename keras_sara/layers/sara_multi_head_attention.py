@@ -11,15 +11,17 @@ from keras.src import backend as _kbackend  # Keras masks have no public accesso
 from keras_sara import feature_maps as fm_lib
 from keras_sara.ops import kernels as la
 
+DISTILLATION_TARGETS = ("scores", "outputs")
+
 
 class _BlendState(keras.layers.Layer):
-    """Holds the softmax-to-linear blend factor as a non-trainable variable.
+    """Up-training state of a blendable layer: blend factor and distillation weight.
 
-    A sublayer (not an own variable of the attention layer) so that the
-    variable comes after every MultiHeadAttention and feature-map weight in
-    `get_weights()`. A variable, not a Python float, because `fit` compiles
-    its step once: a callback that ramps the blend must change a value the
-    compiled graph reads.
+    Both are non-trainable variables, not Python floats, because `fit`
+    compiles its step once: a callback that ramps the blend or schedules the
+    distillation weight must change values the compiled graph reads. A
+    sublayer (not own variables of the attention layer) so that they come
+    after every MultiHeadAttention and feature-map weight in `get_weights()`.
     """
 
     def __init__(self, initial_value=1.0, **kwargs):
@@ -32,6 +34,12 @@ class _BlendState(keras.layers.Layer):
             name="blend",
             shape=(),
             initializer=keras.initializers.Constant(self.initial_value),
+            trainable=False,
+        )
+        self.distillation_weight = self.add_weight(
+            name="distillation_weight",
+            shape=(),
+            initializer="zeros",
             trainable=False,
         )
 
@@ -186,6 +194,10 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         self.feature_map = fm_lib.get(feature_map)
         self._blend_state = _BlendState(self.blend, name="blend_state") if self.blend < 1.0 else None
         self._warned_quadratic = False
+        # Python state set by keras_sara.callbacks.UpTraining; read when a
+        # step is traced, so changing it needs a new train function.
+        self._distillation_target = None
+        self._fidelity_records = None
 
     # ------------------------------------------------------------------ build
 
@@ -274,6 +286,41 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             return
         self._blend_state.value.assign(value)
 
+    @property
+    def distillation_weight_variable(self):
+        """The non-trainable distillation-loss weight, or None for a linear-only layer."""
+        return None if self._blend_state is None else self._blend_state.distillation_weight
+
+    def configure_distillation(self, target):
+        """Add an attention-distillation loss in training calls (Hedgehog-style).
+
+        The teacher is this layer's own softmax attention (same projections,
+        no gradient through it); the loss, times the distillation-weight
+        variable, is added with `add_loss` whenever the layer is called with
+        `training=True`. `keras_sara.callbacks.UpTraining` calls this and
+        schedules the weight; a custom training loop may too. Takes effect
+        in steps traced afterwards.
+
+        Args:
+            target: `"scores"`: KL divergence from the softmax attention
+                weights to the linear ones, per query row, averaged (quadratic
+                in tokens, like the softmax it distils); `"outputs"`:
+                `||linear - softmax||^2 / ||softmax||^2` of the attention
+                outputs before the output projection; None: no loss.
+        """
+        if target not in (None,) + DISTILLATION_TARGETS:
+            raise ValueError(
+                f"`target` must be one of {DISTILLATION_TARGETS} or None. Received: target={target!r}"
+            )
+        if target is not None and self._blend_state is None:
+            raise ValueError(
+                f"SARAMultiHeadAttention '{self.name}' was built linear-only (blend=1.0), "
+                "so it has no softmax attention to distil from. Convert with "
+                "`keras_sara.convert(model, blend=0.0)` (or construct with blend < 1) "
+                f"and finalize with `keras_sara.finalize` after up-training. Received: target={target!r}"
+            )
+        self._distillation_target = target
+
     # ------------------------------------------------------------------- call
 
     def call(
@@ -328,6 +375,12 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         k = self._key_dense(key)  # (B, S, H, K)
         v = self._value_dense(value)  # (B, S, H, V)
 
+        if self._fidelity_records is not None:  # only in eager probe calls
+            self._fidelity_records.append(
+                self._fidelity(query, value, q, k, v, query_mask, value_mask, key_mask,
+                               attention_mask, use_causal_mask, full_mask)
+            )
+
         if self._can_fuse_output(rank, dense, use_causal_mask, return_attention_scores):
             attention_output = self._fused_linear_attention(
                 q, k, v, _combine_masks(value_mask, key_mask), query_mask, training
@@ -336,21 +389,27 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
                 _kbackend.set_keras_mask(attention_output, query_mask)
             return attention_output
 
+        distill = self._distillation_target if (training and self._blend_state is not None) else None
+        want_scores = return_attention_scores or distill == "scores"
         if dense:
             self._warn_quadratic(attention_mask is not None)
             linear_out, linear_scores = self._kernel_matrix_attention(
-                q, k, v, full_mask, training, return_attention_scores
+                q, k, v, full_mask, training, want_scores
             )
         else:
             key_padding = _combine_masks(value_mask, key_mask)
             linear_out, linear_scores = self._linear_attention(
-                q, k, v, key_padding, query_mask, use_causal_mask, training, return_attention_scores
+                q, k, v, key_padding, query_mask, use_causal_mask, training, want_scores
             )
 
         if self._blend_state is not None:
             soft_out, soft_scores = self._softmax_attention(
-                q, k, v, full_mask, training, return_attention_scores
+                q, k, v, full_mask, training, want_scores
             )
+            if distill is not None:
+                self.add_loss(self._distillation_loss(
+                    distill, soft_out, linear_out, soft_scores, linear_scores
+                ))
             attention_output = self._mix(soft_out, linear_out)
             if return_attention_scores:
                 attention_scores = self._mix(soft_scores, linear_scores)
@@ -436,6 +495,45 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             self, q, k, v, mask, training, want_scores, use_causal_mask
         )
         return out, (scores if return_scores else None)
+
+    def _distillation_loss(self, target, soft_out, linear_out, soft_scores, linear_scores):
+        """Weighted distillation loss; the softmax side is the (gradient-free) teacher."""
+        if target == "scores":
+            p = ops.stop_gradient(ops.cast(soft_scores, "float32"))  # (B, H, T..., S...)
+            q = ops.cast(linear_scores, "float32")
+            key_axes = tuple(range(len(p.shape) - len(self._attention_axes), len(p.shape)))
+            row_kl = ops.sum(
+                p * (ops.log(ops.maximum(p, 1e-30)) - ops.log(ops.maximum(q, 1e-12))), axis=key_axes
+            )
+            # Rows of padded queries (linear weights all zero) teach nothing.
+            valid = ops.cast(ops.sum(q, axis=key_axes) > 0.5, "float32")
+            loss = ops.sum(row_kl * valid) / ops.maximum(ops.sum(valid), 1.0)
+        else:
+            t = ops.stop_gradient(ops.cast(soft_out, "float32"))
+            s = ops.cast(linear_out, "float32")
+            loss = ops.sum(ops.square(s - t)) / (ops.sum(ops.square(t)) + 1e-12)
+        return ops.cast(self._blend_state.distillation_weight, "float32") * loss
+
+    def _fidelity(self, query, value, q, k, v, query_mask, value_mask, key_mask,
+                  attention_mask, causal, full_mask):
+        """||linear - softmax|| / ||softmax|| of this call's attention outputs (a tensor)."""
+        if full_mask is None:
+            full_mask = self._compute_attention_mask(
+                query, value, query_mask=query_mask, value_mask=value_mask,
+                key_mask=key_mask, attention_mask=attention_mask, use_causal_mask=causal,
+            )
+        soft, _ = self._softmax_attention(q, k, v, full_mask, False, False)
+        if attention_mask is not None or self._sliding_window is not None:
+            linear, _ = self._kernel_matrix_attention(q, k, v, full_mask, False, False)
+        else:
+            linear, _ = self._linear_attention(
+                q, k, v, _combine_masks(value_mask, key_mask), query_mask, causal, False, False
+            )
+        soft, linear = ops.cast(soft, "float32"), ops.cast(linear, "float32")
+        if query_mask is not None:  # padded queries: softmax there is meaningless
+            keep = ops.expand_dims(ops.expand_dims(ops.cast(query_mask, "float32"), -1), -1)
+            soft, linear = soft * keep, linear * keep
+        return ops.sqrt(ops.sum(ops.square(linear - soft)) / (ops.sum(ops.square(soft)) + 1e-30))
 
     def _mix(self, softmax, linear):
         """`(1 - blend) * softmax + blend * linear`, in softmax's dtype."""

@@ -107,10 +107,11 @@ def test_feature_map_weights_come_after_mha_weights(feature_map):
     assert [w.path for w in sara.weights[n:]] == fm_paths and fm_paths
 
 
-def test_blend_variable_comes_last_and_is_not_trainable():
+def test_up_training_variables_come_last_and_are_not_trainable():
     _, sara = _pair(feature_map="hedgehog", blend=0.0)
-    assert sara.weights[-1] is sara.blend_variable
-    assert all(w is not sara.blend_variable for w in sara.trainable_weights)
+    state = [sara.blend_variable, sara.distillation_weight_variable]
+    assert sara.weights[-2:] == state
+    assert all(w is not v for w in sara.trainable_weights for v in state)
 
 
 CALLS = {
@@ -337,7 +338,7 @@ def test_gate_works_like_mha():
     mha(x, x)
     sara = SARAMultiHeadAttention(num_heads=HEADS, key_dim=KEY_DIM, use_gate=True, blend=0.0)
     sara(x, x)
-    sara.set_weights(mha.get_weights() + [np.array(0.0, "float32")])
+    sara.set_weights(mha.get_weights() + [np.array(0.0, "float32"), np.array(0.0, "float32")])
     np.testing.assert_allclose(to_numpy(sara(x, x)), to_numpy(mha(x, x)), atol=1e-6)
 
 
