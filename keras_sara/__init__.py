@@ -10,7 +10,7 @@ converted layers and models that `convert` makes, for `keras.saving`, so
 `.keras` files that use them load with no extra argument.
 """
 
-from keras_sara import callbacks, conversion, feature_maps, layers, ops
+from keras_sara import callbacks, conversion, export, feature_maps, layers, ops
 from keras_sara.conversion import ConversionReport, clone_function, convert, finalize, make_clone_function
 from keras_sara.layers import SARAMultiHeadAttention
 
@@ -23,6 +23,7 @@ __all__ = [
     "clone_function",
     "conversion",
     "convert",
+    "export",
     "feature_maps",
     "finalize",
     "layers",
