@@ -6,9 +6,19 @@ STAMP := $(VENV)/.installed
 # tests that must pass on every backend (ops, feature maps, layers)
 MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion tests/test_callbacks.py
 
-.PHONY: venv test test-tensorflow test-jax test-torch demo bench clean
+# Real images for the up-training example and its test (Debian's package; no download at run time)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv data test test-tensorflow test-jax test-torch demo bench clean
 
 venv: $(STAMP)
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +29,7 @@ $(STAMP): pyproject.toml
 
 test: test-tensorflow test-jax test-torch
 
-test-tensorflow: $(STAMP)
+test-tensorflow: $(STAMP) data
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests
 
 test-jax: $(STAMP)
@@ -30,8 +40,9 @@ test-jax: $(STAMP)
 test-torch: $(STAMP)
 	KERAS_BACKEND=torch $(PY) -m pytest -q $(MULTIBACKEND_TESTS)
 
-demo: $(STAMP)
+demo: $(STAMP) data
 	KERAS_BACKEND=tensorflow $(PY) examples/quickstart.py
+	KERAS_BACKEND=tensorflow $(PY) examples/uptrain_vit.py --quick --out-dir examples/results/uptrain_vit_quick
 	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py --quick --out-dir benchmarks/results/quick
 
 bench: $(STAMP)
