@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # tests that must pass on every backend (ops, feature maps, layers)
-MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion tests/test_callbacks.py
+MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion tests/test_callbacks.py tests/test_pct_policy.py
 
 # Real images for the up-training example and its test (Debian's package; no download at run time)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
@@ -23,7 +23,7 @@ $(FASHION_MNIST):
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[jax,torch,dev,hub]"
+	$(PY) -m pip install --quiet -e ".[jax,torch,dev,hub,grasping]"
 	$(PY) -m pip install --quiet --no-deps keras-hub==0.32.0
 	touch $(STAMP)
 
