@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # tests that must pass on every backend (ops, feature maps, layers)
-MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion tests/test_callbacks.py tests/test_pct_policy.py
+MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/conversion tests/test_callbacks.py tests/test_pct_policy.py tests/test_streaming.py
 
 # Real images for the up-training example and its test (Debian's package; no download at run time)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

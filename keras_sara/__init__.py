@@ -10,7 +10,7 @@ converted layers and models that `convert` makes, for `keras.saving`, so
 `.keras` files that use them load with no extra argument.
 """
 
-from keras_sara import callbacks, conversion, export, feature_maps, layers, models, ops
+from keras_sara import callbacks, conversion, export, feature_maps, layers, models, ops, streaming
 from keras_sara.conversion import ConversionReport, clone_function, convert, finalize, make_clone_function
 from keras_sara.layers import SARAMultiHeadAttention
 
@@ -30,5 +30,6 @@ __all__ = [
     "make_clone_function",
     "models",
     "ops",
+    "streaming",
     "__version__",
 ]

@@ -680,8 +680,10 @@ def _convert(model, shapes: list, dtypes: list, quantize, representative, builti
             converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
             def dataset():
+                # By signature name: a positional list is matched to the file's
+                # internal input order, which differs from the signature's.
                 for arrays in representative:
-                    yield list(arrays)
+                    yield {f"input_{i}": a for i, a in enumerate(arrays)}
 
             converter.representative_dataset = dataset
             if int8_io:
