@@ -120,6 +120,12 @@ METHODS = {
         "callback": {"schedule": "cosine", "blend_steps": HALF, "distillation_weight": 1.0,
                      "distillation_steps": HALF, "distillation_schedule": "linear"},
     },
+    "hedgehog+distill-decay+kd": {
+        "convert": {"feature_map": "hedgehog", "blend": 0.0},
+        "callback": {"schedule": "cosine", "blend_steps": HALF, "distillation_weight": 1.0,
+                     "distillation_steps": HALF, "distillation_schedule": "linear"},
+        "targets": "teacher",
+    },
     "hard+kd": {
         "convert": {"feature_map": "relu"},
         "callback": {},
