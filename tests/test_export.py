@@ -477,3 +477,24 @@ def test_int8_calibration_of_a_multi_input_model(tmp_path):
     report = export_tflite(model, str(tmp_path / "multi.tflite"), quantize="int8",
                            representative_data=calibration)
     assert report.verified and report.relative_error < 0.1, report.relative_error
+
+
+def test_int8_keeps_the_attention_core_in_float_by_default(sara_model, calibration, tmp_path):
+    """Selective int8: projections FULLY_CONNECTED int8, BATCH_MATMUL & co. float (see DEFAULT_INT8_FLOAT_OPS)."""
+    from keras_sara.export import DEFAULT_INT8_FLOAT_OPS, export_tflite
+
+    selective = export_tflite(sara_model, str(tmp_path / "sel.tflite"), quantize="int8",
+                              representative_data=calibration, benchmark_runs=0)
+    full = export_tflite(sara_model, str(tmp_path / "full.tflite"), quantize="int8",
+                         representative_data=calibration, int8_float_ops=(), benchmark_runs=0)
+    assert selective.float_ops.get("BATCH_MATMUL", 0) > 0 and set(selective.float_ops) <= set(DEFAULT_INT8_FLOAT_OPS)
+    assert "BATCH_MATMUL" not in full.float_ops
+    assert selective.verified and full.verified
+    for bad, match in ((dict(int8_float_ops="DIV"), "int8_float_ops='DIV'"),
+                       (dict(int8_float_ops=["DIV"], int8_io=True), "int8_io=True"),):
+        with pytest.raises(ValueError, match=match):
+            export_tflite(sara_model, str(tmp_path / "bad.tflite"), quantize="int8",
+                          representative_data=calibration, **bad)
+    with pytest.raises(ValueError, match="quantize='int8' only"):
+        export_tflite(sara_model, str(tmp_path / "bad.tflite"), int8_float_ops=["DIV"])
+    assert not (tmp_path / "bad.tflite").exists()
