@@ -46,7 +46,6 @@ import resource
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -60,6 +59,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from keras_sara.layers import SARAMultiHeadAttention  # noqa: E402
+from keras_sara.utils import atomic_write  # noqa: E402
 
 # ----------------------------------------------------------------- constants
 
@@ -274,25 +274,6 @@ def softmax_peak_estimate_bytes(model: str, tokens: int, mlp_ratio: int) -> int:
     matrices = SOFTMAX_LIVE_MATRICES * BATCH * NUM_HEADS * tokens * tokens * 4
     activations = 8 * BATCH * tokens * WIDTH * max(mlp_ratio, 1) * 4
     return matrices + activations + 512 * 2**20  # + runtime
-
-
-def atomic_write(path: str, write) -> None:
-    """Write through a temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def log(msg: str) -> None:

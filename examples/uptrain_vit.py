@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 
@@ -46,6 +45,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_sara  # noqa: E402
+from keras_sara.utils import atomic_write  # noqa: E402
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 OUT_DIR = os.path.join("examples", "results", "uptrain_vit")
@@ -373,24 +373,6 @@ def export_and_time(teacher, student, method, x_test, out_dir):
 
 def log(msg):
     print(msg, flush=True)
-
-
-def atomic_write(path, write):
-    """Write through a temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _plain(value):

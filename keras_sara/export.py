@@ -49,6 +49,8 @@ from typing import Iterable, Optional, Sequence
 import keras
 import numpy as np
 
+from keras_sara.utils import atomic_write
+
 QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
 
 # Default verification tolerances on the relative error
@@ -939,21 +941,13 @@ def _latency(runner: _Runner, arrays: list, runs: int) -> tuple:
 
 
 def _write_atomically(path: str, buffer: bytes) -> None:
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(buffer)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def _export_tensorflow(model, path, settings, probes, references, representative) -> ExportReport:
@@ -1066,6 +1060,22 @@ def _custom_layer_modules(model) -> list:
     return modules
 
 
+def run_tensorflow_worker(module: str, work: str) -> subprocess.CompletedProcess:
+    """Run `module._worker_main(work)` in a TensorFlow-backend Python process."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    return subprocess.run(
+        [sys.executable, "-c", f"from {module} import _worker_main; _worker_main()", work],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
 def _export_in_subprocess(model, path, settings, probes, references, representative) -> ExportReport:
     """Save to `.keras`, convert in a TensorFlow-backend process, return its report."""
     modules = _custom_layer_modules(model)
@@ -1086,18 +1096,7 @@ def _export_in_subprocess(model, path, settings, probes, references, representat
         )
         with open(os.path.join(work, "job.json"), "w") as f:
             json.dump(job, f)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, KERAS_BACKEND="tensorflow")
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", "from keras_sara.export import _worker_main; _worker_main()", work],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        proc = run_tensorflow_worker("keras_sara.export", work)
         result_path = os.path.join(work, _WORKER_RESULT)
         if not os.path.exists(result_path):
             tail = (proc.stderr or proc.stdout or "")[-3000:]

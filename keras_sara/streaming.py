@@ -59,7 +59,6 @@ import inspect
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Iterable, Optional, Sequence
@@ -780,18 +779,7 @@ def _export_in_subprocess(model, step, path, quantize, shapes, probes, per_token
                 "Export arguments must be plain values (numbers, strings, booleans) to reach "
                 f"the TensorFlow-backend export process. Received: {export_kwargs!r}"
             ) from err
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, KERAS_BACKEND="tensorflow")
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", "from keras_sara.streaming import _worker_main; _worker_main()", work],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        proc = export_lib.run_tensorflow_worker("keras_sara.streaming", work)
         result_path = os.path.join(work, "result.json")
         if not os.path.exists(result_path):
             tail = (proc.stderr or proc.stdout or "")[-3000:]

@@ -60,7 +60,8 @@ if REPO_ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
-from benchmarks import scaling  # noqa: E402  (the encoder builder and atomic_write)
+from benchmarks import scaling  # noqa: E402  (the encoder builder)
+from keras_sara.utils import atomic_write  # noqa: E402
 from keras_sara import streaming  # noqa: E402
 from keras_sara.export import export_tflite  # noqa: E402
 from keras_sara.layers import SARAMultiHeadAttention  # noqa: E402
@@ -480,7 +481,7 @@ def write_csv(path, rows):
                     vals.append(v)
                 f.write(",".join(vals) + "\n")
 
-    scaling.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_json(path, payload):
@@ -489,7 +490,7 @@ def write_json(path, payload):
             json.dump(payload, f, indent=2)
             f.write("\n")
 
-    scaling.atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_plot(path, rows, cfg):
@@ -543,7 +544,7 @@ def write_plot(path, rows, cfg):
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    scaling.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

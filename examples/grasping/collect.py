@@ -38,6 +38,8 @@ import time
 
 import numpy as np
 
+from keras_sara.utils import atomic_write
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from env import CAMERA, GraspingEnv  # noqa: E402
 from expert import ScriptedExpert, run_episode  # noqa: E402
@@ -136,15 +138,7 @@ def collect(demos, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
 
 def save_atomically(path, arrays) -> None:
     """`np.savez` to a temporary file in the same directory, then rename it over `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def load_or_collect(demos=DEMOS, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
