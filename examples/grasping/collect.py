@@ -49,6 +49,7 @@ NUM_POINTS = 1024
 FIRST_SEED = 0
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE_DIR = os.path.join(ROOT, "examples", "results", "grasping", "cache")
+PERTURBED_STEPS = 6  # states recorded per perturbed episode (the env grasps at about step 7)
 FORMAT_VERSION = 1  # bump when the file's content or the environment's settings change
 
 
@@ -134,6 +135,80 @@ def collect(demos, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
         cpu_seconds=np.asarray(cpu_seconds, np.float64),
     )
     return data
+
+
+def perturbed_cache_path(cache_dir, episodes, num_points, camera, first_seed, noise) -> str:
+    name = f"perturbed_v{FORMAT_VERSION}_e{episodes}_n{num_points}_c{camera}_s{first_seed}_z{noise:g}.npz"
+    return os.path.join(cache_dir, name)
+
+
+def collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
+                      noise=0.3, random_prob=0.25, steps=PERTURBED_STEPS, progress=True) -> dict:
+    """Expert labels on states off the expert's path (DART-style noise injection).
+
+    Behaviour cloning from successful demonstrations alone never shows the
+    policy a gripper that is off target, so one early mistake leads to
+    states it has never seen. Here each episode (seed `first_seed + i`)
+    executes the expert's action plus Gaussian noise (`noise`, per axis), or
+    with probability `random_prob` a uniform random action, and records at
+    every state the action the expert would take there: move straight
+    towards the reachable object nearest to the gripper *now* (the expert
+    re-targets at every step, so the label depends on the observation only).
+    Only the first `steps` states are recorded and the episode is cut before
+    the final descent and grasp (the slow part of the simulation), so no
+    success is known: these frames have the same keys as `collect`'s, with
+    `episode` counting from 0, and `seeds` instead of the demo/tried arrays.
+    """
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"`episodes` must be a positive integer. Received: episodes={episodes!r}")
+    if not (isinstance(noise, (int, float)) and noise >= 0):
+        raise ValueError(f"`noise` must be a number >= 0. Received: noise={noise!r}")
+    frames = {k: [] for k in ("points", "mask", "gripper", "actions", "episode", "step", "num_visible")}
+    bar = Progress(episodes, "perturbed episodes", enabled=progress)
+    env = GraspingEnv(num_points=num_points, camera=camera)
+    expert = ScriptedExpert()
+    try:
+        for i in range(episodes):
+            seed = first_seed + i
+            obs = env.reset(seed)
+            rng = np.random.default_rng([seed, 7])
+            for step in range(steps):
+                expert.reset(env)  # re-target: the nearest reachable object from here
+                action = expert(env, obs)
+                for key, value in (("points", obs["points"]), ("mask", obs["mask"]), ("gripper", obs["gripper"]),
+                                   ("actions", action), ("episode", i), ("step", step),
+                                   ("num_visible", obs["num_visible"])):
+                    frames[key].append(value)
+                if step == steps - 1:
+                    break
+                if rng.random() < random_prob:
+                    executed = rng.uniform(-1.0, 1.0, 3)
+                else:
+                    executed = action + rng.normal(0.0, noise, 3)
+                obs, _, done, _ = env.step(np.clip(executed, -1.0, 1.0))
+                if done:
+                    break
+            bar.update(i + 1)
+    finally:
+        bar.close()
+        env.close()
+    dtypes = dict(points="float32", mask="bool", gripper="float32", actions="float32",
+                  episode="int32", step="int32", num_visible="int32")
+    data = {k: np.asarray(v, dtype=dtypes[k]) for k, v in frames.items()}
+    data["seeds"] = np.arange(first_seed, first_seed + episodes, dtype=np.int64)
+    return data
+
+
+def load_or_collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
+                              noise=0.3, cache_dir=CACHE_DIR, progress=True) -> tuple[dict, str, bool]:
+    """`collect_perturbed`'s frames, from the cache or collected (then cached)."""
+    path = perturbed_cache_path(cache_dir, episodes, num_points, camera, first_seed, noise)
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}, path, True
+    data = collect_perturbed(episodes, num_points, camera, first_seed, noise, progress=progress)
+    save_atomically(path, data)
+    return data, path, False
 
 
 def save_atomically(path, arrays) -> None:
