@@ -10,7 +10,7 @@ MULTIBACKEND_TESTS := tests/ops tests/layers tests/test_feature_maps.py tests/co
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv data test test-tensorflow test-jax test-torch demo bench clean
+.PHONY: venv data test test-tensorflow test-jax test-torch test-distributed demo bench clean
 
 venv: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps keras-hub==0.32.0
 	touch $(STAMP)
 
-test: test-tensorflow test-jax test-torch
+test: test-tensorflow test-jax test-torch test-distributed
 
 test-tensorflow: $(STAMP) data
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests
@@ -39,6 +39,11 @@ test-jax: $(STAMP)
 
 test-torch: $(STAMP)
 	KERAS_BACKEND=torch $(PY) -m pytest -q $(MULTIBACKEND_TESTS)
+
+test-distributed: $(STAMP)
+	# 8 host devices for DataParallel and a (2, 4) ModelParallel mesh on one CPU
+	KERAS_BACKEND=jax XLA_FLAGS="--xla_force_host_platform_device_count=8" \
+		$(PY) -m pytest -q tests/test_distribution.py
 
 demo: $(STAMP) data
 	KERAS_BACKEND=tensorflow $(PY) examples/quickstart.py
