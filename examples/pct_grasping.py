@@ -550,7 +550,7 @@ def prepare_out_dir(out_dir, cfg, fresh) -> None:
     config_path = os.path.join(out_dir, "run_config.json")
     if fresh and os.path.isdir(out_dir):
         for name in os.listdir(out_dir):
-            if name.endswith((".keras", ".tflite")) or name in ("episodes", "run_config.json", "training.json"):
+            if name.endswith((".keras", ".tflite")) or name in ("episodes", "run_config.json", "training.json", "export.json"):
                 target = os.path.join(out_dir, name)
                 shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
     if os.path.exists(config_path):
@@ -624,7 +624,15 @@ def main(argv=None):
     log("offline action MSE on held-out frames: " + ", ".join(f"{k} {v['mse']:.4f}" for k, v in offline.items()))
 
     t = time.perf_counter()
-    export = export_variants(sara, train_frames, val_frames, val_actions, out_dir, args.quick)
+    export_path = os.path.join(out_dir, "export.json")
+    if os.path.exists(export_path) and all(
+            os.path.exists(os.path.join(out_dir, f"sara_{p}.tflite")) for p in PRECISIONS):
+        with open(export_path) as f:
+            export = json.load(f)
+        log("LiteRT files: loaded")
+    else:
+        export = export_variants(sara, train_frames, val_frames, val_actions, out_dir, args.quick)
+        write_json(export_path, export)
     timings["export_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -116,6 +116,7 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
     again = _run(QUICK_ARGS, out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher: loaded" in again.stderr and "SARA policy: loaded" in again.stderr
+    assert "LiteRT files: loaded" in again.stderr
     assert "over 1 episodes" not in again.stderr  # no episode replayed
     assert json.loads((out / "results.json").read_text())["closed_loop"] == results["closed_loop"]
 
