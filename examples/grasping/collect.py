@@ -53,6 +53,11 @@ PERTURBED_STEPS = 6  # states recorded per perturbed episode (the env grasps at 
 FORMAT_VERSION = 1  # bump when the file's content or the environment's settings change
 
 
+#: dtype of each per-frame array of a cache file
+FRAME_DTYPES = dict(points="float32", mask="bool", gripper="float32", actions="float32",
+                    episode="int32", step="int32", num_visible="int32")
+
+
 def cache_path(cache_dir, demos, num_points, camera, first_seed) -> str:
     name = f"expert_v{FORMAT_VERSION}_k{demos}_n{num_points}_c{camera}_s{first_seed}.npz"
     return os.path.join(cache_dir, name)
@@ -90,7 +95,7 @@ def collect(demos, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
     if isinstance(demos, bool) or not isinstance(demos, int) or demos < 1:
         raise ValueError(f"`demos` must be a positive integer. Received: demos={demos!r}")
     max_episodes = max_episodes or 4 * demos + 20
-    frames = {k: [] for k in ("points", "mask", "gripper", "actions", "episode", "step", "num_visible")}
+    frames = {k: [] for k in FRAME_DTYPES}
     demo_seeds, tried, succeeded, seconds, cpu_seconds = [], [], [], [], []
     bar = Progress(demos, "demonstrations", enabled=progress)
     env = GraspingEnv(num_points=num_points, camera=camera)
@@ -124,9 +129,7 @@ def collect(demos, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
     finally:
         bar.close()
         env.close()
-    dtypes = dict(points="float32", mask="bool", gripper="float32", actions="float32",
-                  episode="int32", step="int32", num_visible="int32")
-    data = {k: np.asarray(v, dtype=dtypes[k]) for k, v in frames.items()}
+    data = {k: np.asarray(v, dtype=FRAME_DTYPES[k]) for k, v in frames.items()}
     data.update(
         demo_seeds=np.asarray(demo_seeds, np.int64),
         tried_seeds=np.asarray(tried, np.int64),
@@ -163,7 +166,7 @@ def collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed
         raise ValueError(f"`episodes` must be a positive integer. Received: episodes={episodes!r}")
     if not (isinstance(noise, (int, float)) and noise >= 0):
         raise ValueError(f"`noise` must be a number >= 0. Received: noise={noise!r}")
-    frames = {k: [] for k in ("points", "mask", "gripper", "actions", "episode", "step", "num_visible")}
+    frames = {k: [] for k in FRAME_DTYPES}
     bar = Progress(episodes, "perturbed episodes", enabled=progress)
     env = GraspingEnv(num_points=num_points, camera=camera)
     expert = ScriptedExpert()
@@ -192,9 +195,7 @@ def collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed
     finally:
         bar.close()
         env.close()
-    dtypes = dict(points="float32", mask="bool", gripper="float32", actions="float32",
-                  episode="int32", step="int32", num_visible="int32")
-    data = {k: np.asarray(v, dtype=dtypes[k]) for k, v in frames.items()}
+    data = {k: np.asarray(v, dtype=FRAME_DTYPES[k]) for k, v in frames.items()}
     data["seeds"] = np.arange(first_seed, first_seed + episodes, dtype=np.int64)
     return data
 
