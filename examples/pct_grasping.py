@@ -502,8 +502,8 @@ def write_plot(path, results) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     colors = ["#999999", "#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#98df8a"][: len(names)]
     ax.bar(names, rates, yerr=err, capsize=4, color=colors)
-    for i, r in enumerate(rates):
-        ax.text(i, r + 0.02, f"{r:.0%}", ha="center", va="bottom", fontsize=9)
+    for i, (name, r) in enumerate(zip(names, rates)):
+        ax.text(i, table[name]["high"] + 0.02, f"{r:.1%}", ha="center", va="bottom", fontsize=9)
     ax.set_ylim(0, 1)
     ax.set_ylabel("grasp success")
     ax.set_title(f"KukaDiverseObjectEnv, {results['config']['episodes']} episodes per policy (same seeds), 95% CI")
