@@ -55,7 +55,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -79,7 +78,7 @@ from benchmarks.scaling import AVAILABLE_RAM_SHARE, SOFTMAX_LIVE_MATRICES, avail
 from keras_sara.export import export_tflite  # noqa: E402
 from keras_sara.utils import atomic_write  # noqa: E402
 from policy import POLICY_CONFIG, build_policy  # noqa: E402
-from tflite.benchmark import _error_text, time_in_turn, write_json  # noqa: E402
+from tflite.benchmark import _error_text, machine_info, time_in_turn, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
 
 # ----------------------------------------------------------------- constants
@@ -639,26 +638,11 @@ def make_cfg(args) -> dict:
 
 def write_outputs(out_dir, rows, cfg, ops_by_points, load, started, command) -> str:
     """Every output file from the rows so far (after each point: a killed run keeps its data)."""
-    import tensorflow as tf
-    from importlib.metadata import version
-
     derived = derive(rows, cfg, ops_by_points)
     payload = {
         "benchmark": "keras_sara PCT grasping policy latency vs points",
         "config": cfg,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "ai_edge_litert": version("ai-edge-litert"),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "loadavg_start": load["start"],
-            "loadavg_end": load["end"],
-            "date_utc": started.isoformat(timespec="seconds"),
-            "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
-        },
+        "machine": machine_info(started, loadavg_start=load["start"], loadavg_end=load["end"]),
         "command": command,
         "complete": len({r["points"] for r in rows}) == len(cfg["points"]),
         "rows": rows,

@@ -60,7 +60,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -87,7 +86,7 @@ from benchmarks.scaling import (  # noqa: E402
 )
 from keras_sara.export import export_tflite  # noqa: E402
 from keras_sara.utils import atomic_write  # noqa: E402
-from tflite.benchmark import _error_text, write_json  # noqa: E402
+from tflite.benchmark import _error_text, machine_info, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
 
 # ----------------------------------------------------------------- constants
@@ -647,26 +646,12 @@ def main(argv=None):
             load["per_size"][str(size)] = os.getloadavg()
     load["end"] = os.getloadavg()
     derived = derive(rows, cfg, ops_by_size)
-    from importlib.metadata import version
 
     payload = {
         "benchmark": "keras_sara ViT encoder resolution scaling",
         "config": cfg,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "ai_edge_litert": version("ai-edge-litert"),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "keras_hub": keras_hub.__version__,
-            "loadavg_start": load["start"],
-            "loadavg_end": load["end"],
-            "loadavg_after_each_size": load["per_size"],
-            "date_utc": started.isoformat(timespec="seconds"),
-            "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
-        },
+        "machine": machine_info(started, keras_hub=keras_hub.__version__, loadavg_start=load["start"],
+                                loadavg_end=load["end"], loadavg_after_each_size=load["per_size"]),
         "command": shlex.join(
             [sys.executable, "benchmarks/vit_resolution.py"] + (sys.argv[1:] if argv is None else list(argv))
         ),

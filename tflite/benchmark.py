@@ -484,6 +484,25 @@ def write_csv(path, rows):
     atomic_write(path, write)
 
 
+def machine_info(started, **extra) -> dict:
+    """What a results file says about the machine and the run: CPUs, versions, `extra`, date, duration."""
+    import tensorflow as tf
+    from importlib.metadata import version
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "ai_edge_litert": version("ai-edge-litert"),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        **extra,
+        "date_utc": started.isoformat(timespec="seconds"),
+        "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+    }
+
+
 def write_json(path, payload):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -622,7 +641,6 @@ def main(argv=None):
         if cfg["histories"]:
             rows += stream_rows(cfg, work)
     derived = derive(rows, cfg)
-    from importlib.metadata import version
 
     payload = {
         "benchmark": "keras_sara LiteRT latency",
@@ -630,19 +648,7 @@ def main(argv=None):
             "batch": scaling.BATCH, "width": scaling.WIDTH, "num_heads": scaling.NUM_HEADS,
             "key_dim": scaling.KEY_DIM, "layers": scaling.NUM_LAYERS, **cfg,
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "ai_edge_litert": version("ai-edge-litert"),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "date_utc": started.isoformat(timespec="seconds"),
-            "duration_s": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
-        },
+        "machine": machine_info(started, loadavg_start=load_start, loadavg_end=os.getloadavg()),
         "command": shlex.join(
             [sys.executable, "-m", "tflite.benchmark"] + (sys.argv[1:] if argv is None else list(argv))
         ),
