@@ -59,13 +59,15 @@ for _path in (ROOT, GRASPING):
 
 import numpy as np  # noqa: E402
 
+import closed_loop  # noqa: E402
+from closed_loop import EVAL_FIRST_SEED, write_json  # noqa: E402
+
 from keras_sara.utils import atomic_write  # noqa: E402
 
 OUT_DIR = os.path.join(ROOT, "examples", "results", "pct_grasping")
 #: Seeds of the demonstration shards (one collection process each) and of the
 #: evaluation episodes: disjoint, so no policy is evaluated on a training scene.
 DEMO_FIRST_SEEDS = (0, 10_000)
-EVAL_FIRST_SEED = 1_000_000
 POLICIES = ("random", "expert", "teacher", "converted", "sara", "sara_tflite")
 PRECISIONS = ("float32", "float16", "dynamic", "int8")
 
@@ -90,24 +92,7 @@ QUICK = dict(FULL, demos=4, perturbed_episodes=8, teacher_epochs=3, episodes=4, 
 
 
 def log(message: str) -> None:
-    print(f"[pct_grasping {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _dump_json(path, payload) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1, default=_json_default)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_json(path, payload) -> None:
-    atomic_write(path, lambda tmp: _dump_json(tmp, payload))
+    closed_loop.log("pct_grasping", message)
 
 
 # ---------------------------------------------------------------------- data
@@ -119,27 +104,30 @@ PERTURBED_FIRST_SEEDS = (20_000, 30_000)
 def _collect_shard(job):
     from collect import load_or_collect, load_or_collect_perturbed
 
-    kind, count, num_points, camera, first_seed, noise = job
+    kind, count, num_points, camera, first_seed, noise, images = job
     if kind == "demos":
-        return load_or_collect(count, num_points, camera, first_seed, progress=False)
-    return load_or_collect_perturbed(count, num_points, camera, first_seed, noise, progress=False)
+        return load_or_collect(count, num_points, camera, first_seed, progress=False, images=images)
+    return load_or_collect_perturbed(count, num_points, camera, first_seed, noise, progress=False, images=images)
 
 
 def _split(total, parts):
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def load_demonstrations(cfg) -> tuple[dict, list]:
+def load_demonstrations(cfg, images=False) -> tuple[dict, list]:
     """Expert demonstrations and perturbed-state frames, collected in parallel shards (cached).
+
+    With `images=True` the frames also hold the camera's RGB `image`
+    (cache files of their own, `img_*.npz`).
 
     Returns the frames of both sources concatenated, with `source` (0 for
     successful demonstrations, 1 for perturbed episodes) and `episode`
     numbered across both, and a description of each shard.
     """
     shards = max(1, min(cfg["workers"], len(DEMO_FIRST_SEEDS)))
-    jobs = [("demos", k, cfg["collect_points"], cfg["camera"], DEMO_FIRST_SEEDS[i], 0.0)
+    jobs = [("demos", k, cfg["collect_points"], cfg["camera"], DEMO_FIRST_SEEDS[i], 0.0, images)
             for i, k in enumerate(_split(cfg["demos"], shards)) if k > 0]
-    jobs += [("perturbed", k, cfg["collect_points"], cfg["camera"], PERTURBED_FIRST_SEEDS[i], cfg["noise"])
+    jobs += [("perturbed", k, cfg["collect_points"], cfg["camera"], PERTURBED_FIRST_SEEDS[i], cfg["noise"], images)
              for i, k in enumerate(_split(cfg["perturbed_episodes"], shards)) if k > 0]
     log(f"data: {cfg['demos']} demonstrations and {cfg['perturbed_episodes']} perturbed episodes in "
         f"{len(jobs)} shard(s) (cached under examples/results/grasping/cache)")
@@ -163,7 +151,8 @@ def load_demonstrations(cfg) -> tuple[dict, list]:
             entry.update(episodes_played=len(data["tried_seeds"]),
                          expert_success=float(np.mean(data["tried_success"])))
         info.append(entry)
-    keys = ("points", "mask", "gripper", "actions", "episode", "step", "num_visible", "source")
+    keys = ("points", "mask", "gripper", "actions", "episode", "step", "num_visible", "source") + (
+        ("image",) if images else ())
     return {k: np.concatenate([p[k] for p in parts]) for k in keys}, info
 
 
@@ -361,99 +350,17 @@ def _load_policy(name, out_dir):
     return KerasPolicy(keras.saving.load_model(os.path.join(out_dir, f"{name}.keras")))
 
 
-def _shard_path(out_dir, policy_name, worker, workers):
-    return os.path.join(out_dir, "episodes", f"{policy_name}.part{worker}of{workers}.json")
-
-
-def _evaluate_shard(job):
-    """One worker, one pybullet simulation: every policy on its share of the seeds.
-
-    Each (policy, share) is written to its own file when done, so an
-    interrupted evaluation resumes from the last finished share.
-    """
-    policy_names, seeds, worker, workers, out_dir, num_points, camera = job
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    from env import GraspingEnv
-    from expert import run_episode
-
-    with GraspingEnv(num_points=num_points, camera=camera) as env:
-        for name in policy_names:
-            path = _shard_path(out_dir, name, worker, workers)
-            if os.path.exists(path):
-                with open(path) as f:
-                    if [e["seed"] for e in json.load(f)] == list(seeds):
-                        continue
-            policy, start, out = _load_policy(name, out_dir), time.perf_counter(), []
-            for seed in seeds:
-                r = run_episode(env, policy, int(seed))
-                out.append({k: r[k] for k in ("seed", "success", "steps", "seconds", "cpu_seconds")})
-            write_json(path, out)
-            log(f"closed loop: {name}, simulator {worker + 1}/{workers}: success "
-                f"{np.mean([e['success'] for e in out]):.1%} over {len(out)} episodes "
-                f"({time.perf_counter() - start:.0f} s)")
-    return worker
-
-
 def evaluate(policy_names, cfg, out_dir) -> dict:
     """Episodes of every policy on the same fixed evaluation seeds, `workers` simulators in parallel."""
-    seeds = list(range(EVAL_FIRST_SEED, EVAL_FIRST_SEED + cfg["episodes"]))
-    workers = max(1, min(cfg["workers"], len(seeds)))
-    log(f"closed loop: {', '.join(policy_names)}: {len(seeds)} episodes each on {workers} simulator process(es)")
-    jobs = [(list(policy_names), seeds[w::workers], w, workers, out_dir, cfg["num_points"], cfg["camera"])
-            for w in range(workers)]
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            pool.map(_evaluate_shard, jobs)
-    else:
-        _evaluate_shard(jobs[0])
-    episodes = {}
-    for name in policy_names:
-        parts = []
-        for w in range(workers):
-            with open(_shard_path(out_dir, name, w, workers)) as f:
-                parts += json.load(f)
-        episodes[name] = sorted(parts, key=lambda e: e["seed"])
-        write_json(os.path.join(out_dir, "episodes", f"{name}.json"), episodes[name])
-    return episodes
-
-
-def wilson(successes) -> tuple[float, float, float]:
-    from expert import success_rate
-
-    return success_rate(successes)
-
-
-def paired_difference(a, b) -> dict:
-    """Mean of a - b over the same seeds, with a 95% normal interval of the paired differences."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    n = len(d)
-    half = 1.96 * d.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
-    return {"difference": float(d.mean()), "low": max(-1.0, float(d.mean() - half)),
-            "high": min(1.0, float(d.mean() + half)),
-            "agreement": float(np.mean(np.asarray(a) == np.asarray(b)))}
+    return closed_loop.evaluate(policy_names, cfg["episodes"], cfg["workers"], out_dir, _load_policy,
+                                dict(num_points=cfg["num_points"], camera=cfg["camera"]), tag="pct_grasping")
 
 
 # ------------------------------------------------------------------ report
 
 
-def summarise(episodes: dict) -> dict:
-    table = {}
-    for name, eps in episodes.items():
-        success = [e["success"] for e in eps]
-        rate, low, high = wilson(success)
-        table[name] = {"success": rate, "low": low, "high": high, "episodes": len(eps),
-                       "mean_steps": float(np.mean([e["steps"] for e in eps])),
-                       "cpu_seconds_per_episode": float(np.mean([e["cpu_seconds"] for e in eps]))}
-    pairs = {}
-    outcome = {n: [e["success"] for e in eps] for n, eps in episodes.items()}
-    for a, b in (("sara", "teacher"), ("converted", "teacher"), ("sara_tflite", "sara"),
-                 ("teacher", "random"), ("sara", "random"), ("expert", "teacher")):
-        if a in outcome and b in outcome:
-            pairs[f"{a} - {b}"] = paired_difference(outcome[a], outcome[b])
-    return {"policies": table, "paired": pairs}
+PAIRS = (("sara", "teacher"), ("converted", "teacher"), ("sara_tflite", "sara"),
+         ("teacher", "random"), ("sara", "random"), ("expert", "teacher"))
 
 
 def markdown(results) -> str:
@@ -471,9 +378,7 @@ def markdown(results) -> str:
             p = s["policies"][name]
             lines.append(f"| {name} | {p['success']:.1%} | {p['low']:.1%} - {p['high']:.1%} | {p['mean_steps']:.1f} |")
     lines += ["", "Paired differences (same seeds), 95% intervals; agreement = share of seeds with the same outcome:",
-              "", "| pair | difference | 95% interval | agreement |", "|---|---:|---:|---:|"]
-    for pair, d in s["paired"].items():
-        lines.append(f"| {pair} | {d['difference']:+.1%} | {d['low']:+.1%} .. {d['high']:+.1%} | {d['agreement']:.1%} |")
+              ""] + closed_loop.paired_rows(s["paired"])
     lines += ["", "Offline action error on held-out demonstration frames (MSE against the expert):", "",
               "| model | action MSE |", "|---|---:|"]
     for name, e in results["offline"].items():
@@ -649,7 +554,7 @@ def main(argv=None):
         "training": training,
         "offline": offline,
         "export": export,
-        "closed_loop": summarise(episodes),
+        "closed_loop": closed_loop.summarise(episodes, PAIRS),
         "timings": timings,
         "load_average": os.getloadavg(),
     }

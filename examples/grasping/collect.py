@@ -16,6 +16,8 @@ setting that changes its content and holds:
     episode      (F,)      int32    index of the demonstration (0..demos-1)
     step         (F,)      int32    step within the episode
     num_visible  (F,)      int32    cropped points before resampling
+    image        (F, C, C, 3) uint8 the RGB camera frame (only with `images=True`,
+                                    `--images`; the file name then starts `img_`)
     demo_seeds   (demos,)  int64    seed of each demonstration
     tried_seeds  (E,)      int64    every seed played, success or not
     tried_success(E,)      bool     whether it succeeded
@@ -55,11 +57,15 @@ FORMAT_VERSION = 1  # bump when the file's content or the environment's settings
 
 #: dtype of each per-frame array of a cache file
 FRAME_DTYPES = dict(points="float32", mask="bool", gripper="float32", actions="float32",
-                    episode="int32", step="int32", num_visible="int32")
+                    episode="int32", step="int32", num_visible="int32", image="uint8")
 
 
-def cache_path(cache_dir, demos, num_points, camera, first_seed) -> str:
-    name = f"expert_v{FORMAT_VERSION}_k{demos}_n{num_points}_c{camera}_s{first_seed}.npz"
+def _frame_keys(images: bool) -> list:
+    return [k for k in FRAME_DTYPES if images or k != "image"]
+
+
+def cache_path(cache_dir, demos, num_points, camera, first_seed, images=False) -> str:
+    name = f"{'img_' if images else ''}expert_v{FORMAT_VERSION}_k{demos}_n{num_points}_c{camera}_s{first_seed}.npz"
     return os.path.join(cache_dir, name)
 
 
@@ -90,12 +96,12 @@ class Progress:
 
 
 def collect(demos, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
-            max_episodes=None, progress=True) -> dict:
+            max_episodes=None, progress=True, images=False) -> dict:
     """Play the expert until `demos` episodes succeed; return the arrays listed above."""
     if isinstance(demos, bool) or not isinstance(demos, int) or demos < 1:
         raise ValueError(f"`demos` must be a positive integer. Received: demos={demos!r}")
     max_episodes = max_episodes or 4 * demos + 20
-    frames = {k: [] for k in FRAME_DTYPES}
+    frames = {k: [] for k in _frame_keys(images)}
     demo_seeds, tried, succeeded, seconds, cpu_seconds = [], [], [], [], []
     bar = Progress(demos, "demonstrations", enabled=progress)
     env = GraspingEnv(num_points=num_points, camera=camera)
@@ -124,12 +130,16 @@ def collect(demos, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
                     frames["episode"].append(index)
                     frames["step"].append(step)
                     frames["num_visible"].append(obs["num_visible"])
+                    if images:
+                        frames["image"].append(obs["image"])
             bar.update(len(demo_seeds), f"({len(tried)} episodes, expert success {np.mean(succeeded):.0%})")
             seed += 1
     finally:
         bar.close()
         env.close()
     data = {k: np.asarray(v, dtype=FRAME_DTYPES[k]) for k, v in frames.items()}
+    if images and not len(data["image"]):
+        data["image"] = np.zeros((0, camera, camera, 3), np.uint8)
     data.update(
         demo_seeds=np.asarray(demo_seeds, np.int64),
         tried_seeds=np.asarray(tried, np.int64),
@@ -140,13 +150,13 @@ def collect(demos, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
     return data
 
 
-def perturbed_cache_path(cache_dir, episodes, num_points, camera, first_seed, noise) -> str:
-    name = f"perturbed_v{FORMAT_VERSION}_e{episodes}_n{num_points}_c{camera}_s{first_seed}_z{noise:g}.npz"
+def perturbed_cache_path(cache_dir, episodes, num_points, camera, first_seed, noise, images=False) -> str:
+    name = f"{'img_' if images else ''}perturbed_v{FORMAT_VERSION}_e{episodes}_n{num_points}_c{camera}_s{first_seed}_z{noise:g}.npz"
     return os.path.join(cache_dir, name)
 
 
 def collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
-                      noise=0.3, random_prob=0.25, steps=PERTURBED_STEPS, progress=True) -> dict:
+                      noise=0.3, random_prob=0.25, steps=PERTURBED_STEPS, progress=True, images=False) -> dict:
     """Expert labels on states off the expert's path (DART-style noise injection).
 
     Behaviour cloning from successful demonstrations alone never shows the
@@ -166,7 +176,7 @@ def collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed
         raise ValueError(f"`episodes` must be a positive integer. Received: episodes={episodes!r}")
     if not (isinstance(noise, (int, float)) and noise >= 0):
         raise ValueError(f"`noise` must be a number >= 0. Received: noise={noise!r}")
-    frames = {k: [] for k in FRAME_DTYPES}
+    frames = {k: [] for k in _frame_keys(images)}
     bar = Progress(episodes, "perturbed episodes", enabled=progress)
     env = GraspingEnv(num_points=num_points, camera=camera)
     expert = ScriptedExpert()
@@ -180,8 +190,9 @@ def collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed
                 action = expert(env, obs)
                 for key, value in (("points", obs["points"]), ("mask", obs["mask"]), ("gripper", obs["gripper"]),
                                    ("actions", action), ("episode", i), ("step", step),
-                                   ("num_visible", obs["num_visible"])):
-                    frames[key].append(value)
+                                   ("num_visible", obs["num_visible"]), ("image", obs["image"])):
+                    if key in frames:
+                        frames[key].append(value)
                 if step == steps - 1:
                     break
                 if rng.random() < random_prob:
@@ -201,13 +212,13 @@ def collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed
 
 
 def load_or_collect_perturbed(episodes, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
-                              noise=0.3, cache_dir=CACHE_DIR, progress=True) -> tuple[dict, str, bool]:
+                              noise=0.3, cache_dir=CACHE_DIR, progress=True, images=False) -> tuple[dict, str, bool]:
     """`collect_perturbed`'s frames, from the cache or collected (then cached)."""
-    path = perturbed_cache_path(cache_dir, episodes, num_points, camera, first_seed, noise)
+    path = perturbed_cache_path(cache_dir, episodes, num_points, camera, first_seed, noise, images)
     if os.path.exists(path):
         with np.load(path) as f:
             return {k: f[k] for k in f.files}, path, True
-    data = collect_perturbed(episodes, num_points, camera, first_seed, noise, progress=progress)
+    data = collect_perturbed(episodes, num_points, camera, first_seed, noise, progress=progress, images=images)
     save_atomically(path, data)
     return data, path, False
 
@@ -218,16 +229,16 @@ def save_atomically(path, arrays) -> None:
 
 
 def load_or_collect(demos=DEMOS, num_points=NUM_POINTS, camera=CAMERA, first_seed=FIRST_SEED,
-                    cache_dir=CACHE_DIR, max_episodes=None, progress=True) -> tuple[dict, str, bool]:
+                    cache_dir=CACHE_DIR, max_episodes=None, progress=True, images=False) -> tuple[dict, str, bool]:
     """The cached demonstrations for these settings, collected first if missing.
 
     Returns `(arrays, path, loaded)`; `loaded` is True when the cache was hit.
     """
-    path = cache_path(cache_dir, demos, num_points, camera, first_seed)
+    path = cache_path(cache_dir, demos, num_points, camera, first_seed, images)
     if os.path.exists(path):
         with np.load(path) as f:
             return {k: f[k] for k in f.files}, path, True
-    data = collect(demos, num_points, camera, first_seed, max_episodes, progress)
+    data = collect(demos, num_points, camera, first_seed, max_episodes, progress, images)
     save_atomically(path, data)
     return data, path, False
 
@@ -241,10 +252,11 @@ def main():
     parser.add_argument("--max-episodes", type=int, default=None)
     parser.add_argument("--cache-dir", default=CACHE_DIR)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--images", action="store_true", help="also record the RGB camera frames")
     args = parser.parse_args()
     data, path, loaded = load_or_collect(
         args.demos, args.num_points, args.camera, args.first_seed, args.cache_dir,
-        args.max_episodes, progress=not args.no_progress,
+        args.max_episodes, progress=not args.no_progress, images=args.images,
     )
     success = data["tried_success"]
     visible = data["num_visible"]

@@ -30,7 +30,9 @@ real one, if installed, is left as it was.
   `mask` (N,) bool: False on the padding rows;
   `gripper` (6,) float32: the gripper state (end-effector x, y, z, sin and
   cos of its yaw, finger opening);
-  `num_visible`: the number of cropped points before resampling.
+  `num_visible`: the number of cropped points before resampling;
+  `image` (camera, camera, 3) uint8: the RGB frame of the same render
+  (the environment's own observation; the camera does not move).
   Points are never NaN: non-finite back-projections and the background
   are dropped before resampling. An empty cloud is all padding (mask all
   False).
@@ -283,7 +285,8 @@ def _make_env_class():
             )
             self._depth = np.reshape(depth, (self._height, self._width))
             self._segmentation = np.reshape(seg, (-1,))  # body id per pixel, -1 background
-            return np.reshape(rgb, (self._height, self._width, 4))[:, :, :3]
+            self._rgb = np.asarray(rgb, np.uint8).reshape(self._height, self._width, 4)[:, :, :3]
+            return self._rgb
 
         def _get_random_object(self, num_objects, test):
             # the original's glob order is the file system's: sort it so that a
@@ -394,7 +397,8 @@ class GraspingEnv:
     def observation(self) -> dict:
         cloud = self.visible_points()
         points, mask = resample(cloud, self.num_points, self._rng)
-        return {"points": points, "mask": mask, "gripper": self.gripper_state(), "num_visible": len(cloud)}
+        return {"points": points, "mask": mask, "gripper": self.gripper_state(), "num_visible": len(cloud),
+                "image": self.env._rgb.copy()}
 
     def visible_points(self) -> np.ndarray:
         """Every cropped point of the current depth image, `(M, 3)` float32."""
