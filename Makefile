@@ -50,6 +50,7 @@ demo: $(STAMP) data
 	KERAS_BACKEND=tensorflow $(PY) examples/uptrain_vit.py --quick --out-dir examples/results/uptrain_vit_quick
 	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py --quick --out-dir benchmarks/results/quick
 	KERAS_BACKEND=tensorflow $(PY) examples/pct_grasping.py --quick
+	KERAS_BACKEND=tensorflow $(PY) examples/rt2_grasping.py --quick
 
 bench: $(STAMP)
 	KERAS_BACKEND=tensorflow $(PY) benchmarks/scaling.py

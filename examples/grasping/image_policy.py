@@ -11,8 +11,9 @@ The shape of RT-2's policy at a size a 2-core CPU can train:
 - **Instruction.** Token ids of a text instruction (`tokenize`, a fixed
   vocabulary, 0 is padding), embedded and mean-pooled into one token.
 - **Proprioception.** The gripper state (`GRIPPER_DIM` numbers), one token.
-- **Fuser.** A small Transformer over [instruction, gripper, frame tokens],
-  masked so that frames missing at the start of an episode are ignored.
+- **Fuser.** A small Transformer over [instruction, gripper, frame tokens];
+  the tokens of frames missing at the start of an episode are masked out as
+  keys and values (`value_mask`, which SARA layers honour at linear cost).
 - **Head.** Continuous "vector" actions `(dx, dy, dangle)` in [-1, 1] (tanh),
   not RT-2's discretised tokens: the paper's SARA RT-2 variant used vector
   actions too.
@@ -114,20 +115,22 @@ def policy_layers() -> dict:
 
     @keras.saving.register_keras_serializable(package=PACKAGE)
     class TokenMask(keras.layers.Layer):
-        """Attention mask `(batch, n, n)` from the frame mask: `prefix` always-valid tokens, then frames."""
+        """Valid-token mask `(batch, n)` from the frame mask: `prefix` always-valid tokens, then frames."""
 
         def __init__(self, tokens_per_frame, prefix, **kwargs):
             super().__init__(**kwargs)
             self.tokens_per_frame, self.prefix = int(tokens_per_frame), int(prefix)
 
         def call(self, frame_mask):
-            valid = ops.repeat(ops.cast(frame_mask, "float32"), self.tokens_per_frame, axis=1)
+            valid = ops.repeat(ops.cast(frame_mask, "int32"), self.tokens_per_frame, axis=1)
             valid = ops.concatenate([ops.ones_like(valid[:, : self.prefix]), valid], axis=1)
-            return ops.cast(valid[:, None, :] * valid[:, :, None], "bool")
+            return ops.cast(valid, "bool")
 
         def compute_output_shape(self, shape):
-            n = self.prefix + shape[1] * self.tokens_per_frame
-            return (shape[0], n, n)
+            return (shape[0], self.prefix + shape[1] * self.tokens_per_frame)
+
+        def compute_output_spec(self, frame_mask):
+            return keras.KerasTensor(self.compute_output_shape(frame_mask.shape), dtype="bool")
 
         def get_config(self):
             return {**super().get_config(), "tokens_per_frame": self.tokens_per_frame, "prefix": self.prefix}
@@ -207,7 +210,7 @@ def build_image_policy(history: int = 3, image_size: int = IMAGE_SIZE, name=None
     for i in range(FUSER_CONFIG["num_layers"]):
         h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"fuser_{i}_norm_1")(tokens)
         h = keras.layers.MultiHeadAttention(FUSER_CONFIG["num_heads"], FUSER_CONFIG["key_dim"],
-                                            name=f"fuser_{i}_attention")(h, h, attention_mask=mask)
+                                            name=f"fuser_{i}_attention")(h, h, value_mask=mask)
         tokens = keras.layers.Add(name=f"fuser_{i}_add_1")([tokens, h])
         h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"fuser_{i}_norm_2")(tokens)
         h = keras.layers.Dense(FUSER_CONFIG["mlp_dim"], activation="gelu", name=f"fuser_{i}_mlp_1")(h)
