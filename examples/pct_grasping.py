@@ -114,7 +114,7 @@ def _split(total, parts):
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
-def load_demonstrations(cfg, images=False) -> tuple[dict, list]:
+def load_demonstrations(cfg, images=False, log=log) -> tuple[dict, list]:
     """Expert demonstrations and perturbed-state frames, collected in parallel shards (cached).
 
     With `images=True` the frames also hold the camera's RGB `image`

@@ -390,7 +390,7 @@ def main(argv=None):
     from image_policy import history_index, policy_layers
 
     policy_layers()  # so that saved policies load in a resumed run
-    data, data_info = load_demonstrations(cfg, images=True)
+    data, data_info = load_demonstrations(cfg, images=True, log=log)
     timings["data_s"] = time.perf_counter() - start
     train_index, val_index = split_frames(data, cfg["validation_fraction"])
     log(f"{len(data['actions'])} frames: {len(train_index)} for training, {len(val_index)} held out")
