@@ -266,7 +266,7 @@ def action_errors(model, frames, actions) -> dict:
 
 
 def _errors(predicted, actions) -> dict:
-    diff = predicted - actions
+    diff = np.asarray(predicted) - actions
     return {"mse": float(np.mean(diff ** 2)), "mae": float(np.mean(np.abs(diff)))}
 
 

@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 import closed_loop  # noqa: E402
 from closed_loop import EVAL_FIRST_SEED, write_json  # noqa: E402
-from pct_grasping import load_demonstrations, prepare_out_dir, split_frames  # noqa: E402
+from pct_grasping import _errors, load_demonstrations, prepare_out_dir, split_frames  # noqa: E402
 
 from keras_sara.utils import atomic_write  # noqa: E402
 
@@ -153,15 +153,20 @@ def train_teacher(cfg, history, train, val):
     return teacher, {"steps": steps, "history": _history(fit)}
 
 
+def attention_to_convert(cfg):
+    """The `layers=` selector of `keras_sara.convert` for `--convert`."""
+    from image_policy import fuser_attention, vit_attention
+
+    return vit_attention if cfg["convert"] == "vit" else fuser_attention
+
+
 def uptrain(cfg, teacher, train, val, probe, steps):
     import keras
-    from image_policy import fuser_attention, vit_attention
 
     import keras_sara
 
     keras.utils.set_random_seed(1)
-    select = vit_attention if cfg["convert"] == "vit" else fuser_attention
-    student, report = keras_sara.convert(teacher, layers=select, blend=0.0, probe=probe)
+    student, report = keras_sara.convert(teacher, layers=attention_to_convert(cfg), blend=0.0, probe=probe)
     student.compile(keras.optimizers.Adam(cfg["uptrain_lr"]), "mse")
     blend_steps = max(1, int(round(cfg["blend_fraction"] * steps)))
     callback = keras_sara.callbacks.UpTraining(schedule="linear", blend_steps=blend_steps, probe=probe, verbose=1)
@@ -175,11 +180,6 @@ def uptrain(cfg, teacher, train, val, probe, steps):
                   "history": _history(fit), "fidelity": callback.fidelity_history,
                   "converted_layers": [c.path for c in report.converted],
                   "kept_softmax": [s.path for s in report.skipped]}
-
-
-def _errors(predicted, actions) -> dict:
-    diff = np.asarray(predicted) - actions
-    return {"mse": float(np.mean(diff ** 2)), "mae": float(np.mean(np.abs(diff)))}
 
 
 def keras_latency_ms(model, inputs, runs=30) -> float:
@@ -423,10 +423,7 @@ def main(argv=None):
         timings[f"teacher_h{h}_s"] = time.perf_counter() - t
 
         if not os.path.exists(paths["converted"]):
-            from image_policy import fuser_attention, vit_attention
-
-            select = vit_attention if cfg["convert"] == "vit" else fuser_attention
-            converted, _ = keras_sara.convert(teacher, layers=select, probe=probe)
+            converted, _ = keras_sara.convert(teacher, layers=attention_to_convert(cfg), probe=probe)
             atomic_write(paths["converted"], converted.save)
         converted = keras.saving.load_model(paths["converted"])
 
