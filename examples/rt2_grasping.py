@@ -27,7 +27,12 @@ environment's own grasp-success reward), the camera's RGB frames:
    Wilson intervals and paired differences.
 
 Every stage's product is kept under `--out-dir`, so an interrupted run
-resumes; another setting in the same `--out-dir` is refused unless `--fresh`.
+resumes; another setting in the same `--out-dir` is refused unless `--fresh`
+(start over) or, when only up-training settings changed (`--uptrain-fraction`,
+`--uptrain-lr`, `--blend-fraction`, `--distill`, `--convert`),
+`--fresh-uptraining` (keep the teachers and their episodes, redo every SARA
+policy). `--distill w` up-trains on `(1 - w) * expert + w * teacher` actions;
+`examples/rt2_uptraining_sweep.py` scores such settings on held-out frames.
 Writes `results.json`, `results.md` and `success.png` there.
 
 Run:
@@ -63,6 +68,8 @@ from keras_sara.utils import atomic_write  # noqa: E402
 OUT_DIR = os.path.join(ROOT, "examples", "results", "rt2_grasping")
 CONVERT = ("vit", "vit+fuser")
 KINDS = ("teacher", "sara", "teacher_tflite", "sara_tflite")
+#: Settings that only change the SARA policies: `--fresh-uptraining` redoes those and keeps the teachers.
+UPTRAIN_KEYS = ("uptrain_fraction", "uptrain_lr", "blend_fraction", "distill", "convert")
 
 FULL = dict(
     demos=200,
@@ -73,9 +80,10 @@ FULL = dict(
     teacher_epochs=15,
     batch_size=32,
     lr=1e-3,
-    uptrain_fraction=0.25,
+    uptrain_fraction=0.5,  # chosen on held-out frames by examples/rt2_uptraining_sweep.py
     uptrain_lr=3e-4,
     blend_fraction=0.5,
+    distill=0.5,  # up-training target: (1 - distill) * expert action + distill * teacher action
     episodes=300,
     workers=2,
     validation_fraction=0.1,
@@ -96,14 +104,15 @@ def policy_names(histories) -> list:
 # ---------------------------------------------------------------------- data
 
 
-def make_dataset(data, hist, index, batch_size, seed, shuffle):
+def make_dataset(data, hist, index, batch_size, seed, shuffle, targets=None):
     import keras
     from image_policy import INSTRUCTION, batch_inputs, tokenize
 
     ids = tokenize(INSTRUCTION)
+    targets = data["actions"] if targets is None else targets
 
     class FrameBatches(keras.utils.PyDataset):
-        """Batches of (policy inputs with the frame history, expert actions)."""
+        """Batches of (policy inputs with the frame history, target actions: the expert's by default)."""
 
         def __init__(self):
             super().__init__()
@@ -121,7 +130,7 @@ def make_dataset(data, hist, index, batch_size, seed, shuffle):
 
         def __getitem__(self, i):
             rows = self.order[i * batch_size:(i + 1) * batch_size]
-            return batch_inputs(data["image"], data["gripper"], rows, hist, ids), data["actions"][rows]
+            return batch_inputs(data["image"], data["gripper"], rows, hist, ids), targets[rows]
 
     return FrameBatches()
 
@@ -158,6 +167,25 @@ def attention_to_convert(cfg):
     from image_policy import fuser_attention, vit_attention
 
     return vit_attention if cfg["convert"] == "vit" else fuser_attention
+
+
+def distillation_targets(teacher, data, hist, train_index, weight, batch=256) -> np.ndarray:
+    """Up-training targets: `(1 - weight) * expert + weight * teacher` action on the training frames.
+
+    Mean squared error against this mix equals, up to a constant, the
+    weighted sum of the errors against the expert and against the teacher,
+    so `weight` is a distillation weight: the student is pulled towards the
+    function its teacher computes, not only towards the labels.
+    """
+    targets = np.array(data["actions"], np.float32)
+    index = np.asarray(train_index)
+    predicted = np.concatenate([
+        np.asarray(teacher.predict_on_batch(frames_at(data, hist, index[i:i + batch])))
+        for i in range(0, len(index), batch)])
+    targets[index] = (1.0 - weight) * targets[index] + weight * predicted
+    log(f"distillation: targets = {1 - weight:g} x expert + {weight:g} x {teacher.name} on {len(index)} frames "
+        f"(teacher vs expert MSE there {float(np.mean((predicted - data['actions'][index]) ** 2)):.4f})")
+    return targets
 
 
 def uptrain(cfg, teacher, train, val, probe, steps):
@@ -352,6 +380,9 @@ def parse_args(argv=None):
                              "every H); `expert` and `random` are accepted too")
     parser.add_argument("--out-dir", default=None, help=f"default {os.path.relpath(OUT_DIR, ROOT)}[_quick]")
     parser.add_argument("--fresh", action="store_true", help="delete --out-dir's models and episodes first")
+    parser.add_argument("--fresh-uptraining", action="store_true",
+                        help="keep --out-dir's teachers (models, files, episodes) and redo every SARA policy: "
+                             f"for a change of {', '.join('--' + k.replace('_', '-') for k in UPTRAIN_KEYS)} only")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     for key in FULL:
@@ -369,6 +400,8 @@ def parse_args(argv=None):
     for key in ("uptrain_fraction", "blend_fraction", "validation_fraction"):
         if not 0 < cfg[key] <= 1:
             parser.error(f"--{key.replace('_', '-')} must be in (0, 1]. Received: {cfg[key]}")
+    if not 0 <= cfg["distill"] <= 1:
+        parser.error(f"--distill must be in [0, 1]. Received: {cfg['distill']}")
     if not args.histories or min(args.histories) < 1 or len(set(args.histories)) != len(args.histories):
         parser.error(f"--histories must be distinct integers >= 1. Received: {args.histories}")
     cfg["histories"] = sorted(args.histories)
@@ -381,8 +414,44 @@ def parse_args(argv=None):
     return args, cfg, policies, os.path.abspath(out_dir)
 
 
+def drop_uptraining(out_dir, cfg) -> None:
+    """`--fresh-uptraining`: delete the converted and SARA policies of `out_dir`, keep the teachers.
+
+    Refused (nothing deleted) when a setting other than `UPTRAIN_KEYS` changed:
+    the teachers would not be the ones the new settings train.
+    """
+    config_path = os.path.join(out_dir, "run_config.json")
+    if not os.path.exists(config_path):
+        return
+    with open(config_path) as f:
+        previous = json.load(f)
+    changed = sorted(k for k in set(previous) | set(cfg) if previous.get(k) != cfg.get(k))
+    others = [k for k in changed if k not in UPTRAIN_KEYS]
+    if others:
+        raise SystemExit(f"--fresh-uptraining keeps the teachers, but {', '.join(others)} changed too, which "
+                         "changes them: pass --fresh to start over, or choose another --out-dir.")
+    sara = ("converted_", "sara_")
+    removed = []
+    for folder in (out_dir, os.path.join(out_dir, "episodes")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if name.startswith(sara) and name.endswith((".keras", ".tflite", ".json")):
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+    for name in ("training.json", "export.json"):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = {k: v for k, v in json.load(f).items() if not k.startswith(sara)}
+            write_json(path, kept)
+    write_json(config_path, cfg)
+    log(f"--fresh-uptraining: removed {len(removed)} SARA files ({', '.join(changed) or 'no setting'} changed); "
+        "the teachers are kept")
+
+
 def main(argv=None):
     args, cfg, policies, out_dir = parse_args(argv)
+    if args.fresh_uptraining and not args.fresh:
+        drop_uptraining(out_dir, cfg)
     prepare_out_dir(out_dir, cfg, args.fresh)
     start = time.perf_counter()
     timings = {}
@@ -433,7 +502,12 @@ def main(argv=None):
             log(f"SARA H={h}: loaded")
         else:
             steps = max(1, int(round(cfg["uptrain_fraction"] * training[f"teacher_h{h}"]["steps"])))
-            sara, training[f"sara_h{h}"] = uptrain(cfg, teacher, train, val, probe, steps)
+            uptrain_data = train
+            if cfg["distill"] > 0:
+                targets = distillation_targets(teacher, data, hist, train_index, cfg["distill"])
+                uptrain_data = make_dataset(data, hist, train_index, cfg["batch_size"], seed=h, shuffle=True,
+                                            targets=targets)
+            sara, training[f"sara_h{h}"] = uptrain(cfg, teacher, uptrain_data, val, probe, steps)
             atomic_write(paths["sara"], sara.save)
             write_json(training_path, training)
         timings[f"uptrain_h{h}_s"] = time.perf_counter() - t

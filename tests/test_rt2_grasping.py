@@ -151,6 +151,63 @@ def test_bad_arguments_are_refused(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def _rt2():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import rt2_grasping
+
+    return rt2_grasping
+
+
+def test_distillation_targets_mix_expert_and_teacher_on_training_frames_only():
+    rt2 = _rt2()
+    rng = np.random.default_rng(0)
+    n = 10
+    data = {"image": rng.integers(0, 256, (n, 16, 16, 3)).astype(np.uint8),
+            "gripper": rng.normal(size=(n, 6)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+            "episode": np.repeat([0, 1], 5), "step": np.tile(np.arange(5), 2)}
+    hist = ip.history_index(data["episode"], data["step"], 2)
+    teacher = ip.build_image_policy(2, image_size=16, seed=3)
+    train_index = np.array([0, 2, 3, 7, 9])
+    original = data["actions"].copy()
+    targets = rt2.distillation_targets(teacher, data, hist, train_index, weight=0.25, batch=2)
+    predicted = teacher.predict(rt2.frames_at(data, hist, train_index), verbose=0)
+    expected = 0.75 * data["actions"][train_index] + 0.25 * predicted
+    np.testing.assert_allclose(targets[train_index], expected, rtol=1e-5, atol=1e-6)
+    held_out = np.setdiff1d(np.arange(n), train_index)
+    np.testing.assert_array_equal(targets[held_out], data["actions"][held_out])  # held-out labels untouched
+    assert not np.allclose(targets[train_index], data["actions"][train_index])
+    np.testing.assert_array_equal(data["actions"], original)  # the expert's labels are not modified in place
+
+
+def test_fresh_uptraining_drops_sara_files_and_keeps_teachers(tmp_path):
+    rt2 = _rt2()
+    cfg = dict(rt2.FULL, histories=[1])
+    (tmp_path / "episodes").mkdir()
+    names = ["teacher_h1.keras", "teacher_h1.tflite", "converted_h1.keras", "sara_h1.keras", "sara_h1.tflite"]
+    episodes = ["teacher_h1.json", "teacher_h1.part0of2.json", "sara_h1.json", "sara_h1_tflite.part1of2.json"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    for name in episodes:
+        (tmp_path / "episodes" / name).write_text("[]")
+    for name in ("training.json", "export.json"):
+        (tmp_path / name).write_text(json.dumps({"teacher_h1": {"steps": 3}, "sara_h1": {"steps": 1}}))
+    (tmp_path / "run_config.json").write_text(json.dumps(cfg))
+
+    with pytest.raises(SystemExit, match="episodes changed too"):  # other settings: nothing deleted
+        rt2.drop_uptraining(str(tmp_path), dict(cfg, episodes=5, distill=0.5))
+    assert all((tmp_path / n).exists() for n in names)
+
+    rt2.drop_uptraining(str(tmp_path), dict(cfg, distill=0.5, uptrain_fraction=0.5))
+    assert sorted(p.name for p in tmp_path.glob("*.*") if p.suffix in (".keras", ".tflite")) == [
+        "teacher_h1.keras", "teacher_h1.tflite"]
+    assert sorted(p.name for p in (tmp_path / "episodes").iterdir()) == ["teacher_h1.json", "teacher_h1.part0of2.json"]
+    for name in ("training.json", "export.json"):
+        assert json.loads((tmp_path / name).read_text()) == {"teacher_h1": {"steps": 3}}
+    assert json.loads((tmp_path / "run_config.json").read_text())["distill"] == 0.5
+    rt2.prepare_out_dir(str(tmp_path), dict(cfg, distill=0.5, uptrain_fraction=0.5), fresh=False)  # now accepted
+
+
 # H = 3 only, to keep the suite short: H = 1 takes the same code path (history_index, masks, export)
 QUICK_ARGS = ["--quick", "--histories", "3", "--demos", "2", "--perturbed-episodes", "2", "--teacher-epochs", "1",
               "--episodes", "2"]
@@ -186,3 +243,15 @@ def test_quick_run_end_to_end_and_resume(tmp_path):
 
     other = _run([*QUICK_ARGS[:-1], "3"], out)  # --episodes 3
     assert other.returncode != 0 and "episodes differ" in other.stderr and "--fresh" in other.stderr
+
+    # new up-training settings: the teachers and their episodes are kept, every SARA policy is redone
+    teacher_episodes = (out / "episodes" / "teacher_h3.json").read_text()
+    redo = _run([*QUICK_ARGS, "--distill", "0.25", "--fresh-uptraining"], out)
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    assert "teacher H=3: loaded" in redo.stderr and "SARA H=3: loaded" not in redo.stderr
+    assert "distillation: targets = 0.75 x expert + 0.25 x teacher_h3" in redo.stderr
+    assert (out / "episodes" / "teacher_h3.json").read_text() == teacher_episodes
+    redone = json.loads((out / "results.json").read_text())
+    assert redone["config"]["distill"] == 0.25 and list(redone["closed_loop"]["policies"]) == list(table)
+    assert redone["training"]["teacher_h3"] == results["training"]["teacher_h3"]
+    assert redone["training"]["sara_h3"]["steps"] > 0
