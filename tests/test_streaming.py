@@ -489,3 +489,17 @@ def test_latency_benchmark_quick_writes_csv_json_and_png(tmp_path):
     assert payload["derived"]["targets"]["stream_p50_ratio_history_10000_over_10"]["value"] > 0
     assert "| tokens |" in proc.stdout and "Streaming step" in proc.stdout
     assert sorted(os.listdir(tmp_path)) == ["latency.csv", "latency.json", "latency.png"]
+
+
+@tensorflow_only
+def test_latency_benchmark_derive_without_streaming_histories():
+    # `--histories` with no value skips the streaming benchmark; deriving the figures must not fail on it
+    from tflite import benchmark
+
+    rows = [{"benchmark": "encoder", "attention": "sara", "precision": p, "tokens": 64, "threads": 1,
+             "p50_ms": ms, "status": "ok"} for p, ms in (("float32", 3.0), ("int8", 2.0))]
+    cfg = {"threads": [1], "tokens": [64], "precisions": ["float32", "int8"], "histories": []}
+    derived = benchmark.derive(rows, cfg)
+    assert derived["stream_p50_ratio_longest_over_shortest"] == {}
+    assert derived["sara_int8_speedup_over_float32"] == {"64": 1.5}
+    assert derived["targets"]["stream_p50_ratio_history_10000_over_10"]["met"] is None

@@ -388,14 +388,14 @@ def derive(rows, cfg) -> dict:
             )
             for n in cfg["tokens"]
         }
-    hs = cfg["histories"]
+    hs = cfg["histories"]  # empty: the streaming benchmark was skipped
     out["stream_p50_ratio_longest_over_shortest"] = {
         str(t): _ratio(
             _lookup(rows, benchmark="stream", precision="float32", history=max(hs), threads=t),
             _lookup(rows, benchmark="stream", precision="float32", history=min(hs), threads=t),
         )
         for t in cfg["threads"]
-    }
+    } if hs else {}
     values = {
         "stream_p50_ratio_history_10000_over_10": _ratio(
             _lookup(rows, benchmark="stream", precision="float32", history=10000, threads=threads),
