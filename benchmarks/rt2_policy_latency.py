@@ -59,6 +59,7 @@ import keras  # noqa: E402
 
 import keras_sara  # noqa: E402
 from keras_sara.export import export_tflite  # noqa: E402
+from benchmarks.pct_latency import write_text  # noqa: E402
 from keras_sara.utils import atomic_write  # noqa: E402
 from tflite.benchmark import machine_info, time_in_turn, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
@@ -254,7 +255,7 @@ def main(argv=None):
                                           for k, d in derived.items()},
                 "config": cfg, "machine": machine_info(started)})
     text = markdown(rows, cfg, derived)
-    atomic_write(os.path.join(args.out_dir, "latency.md"), lambda tmp: open(tmp, "w").write(text))
+    write_text(os.path.join(args.out_dir, "latency.md"), text)
     write_plot(os.path.join(args.out_dir, "latency.png"), rows, cfg)
     print(text)
 

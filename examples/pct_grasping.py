@@ -451,6 +451,16 @@ def parse_args(argv=None):
     return args, cfg, os.path.abspath(out_dir)
 
 
+def changed_settings(out_dir, cfg) -> list:
+    """The settings of `out_dir`'s earlier run (its run_config.json) that differ from `cfg`; [] if none ran."""
+    config_path = os.path.join(out_dir, "run_config.json")
+    if not os.path.exists(config_path):
+        return []
+    with open(config_path) as f:
+        previous = json.load(f)
+    return sorted(k for k in set(previous) | set(cfg) if previous.get(k) != cfg.get(k))
+
+
 def prepare_out_dir(out_dir, cfg, fresh) -> None:
     config_path = os.path.join(out_dir, "run_config.json")
     if fresh and os.path.isdir(out_dir):
@@ -458,15 +468,12 @@ def prepare_out_dir(out_dir, cfg, fresh) -> None:
             if name.endswith((".keras", ".tflite")) or name in ("episodes", "run_config.json", "training.json", "export.json"):
                 target = os.path.join(out_dir, name)
                 shutil.rmtree(target) if os.path.isdir(target) else os.unlink(target)
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            previous = json.load(f)
-        if previous != cfg:
-            changed = sorted(k for k in set(previous) | set(cfg) if previous.get(k) != cfg.get(k))
-            raise SystemExit(
-                f"--out-dir {out_dir} holds a run with other settings ({', '.join(changed)} differ): "
-                "pass --fresh to start over there, or choose another --out-dir."
-            )
+    changed = changed_settings(out_dir, cfg)
+    if changed:
+        raise SystemExit(
+            f"--out-dir {out_dir} holds a run with other settings ({', '.join(changed)} differ): "
+            "pass --fresh to start over there, or choose another --out-dir."
+        )
     os.makedirs(os.path.join(out_dir, "episodes"), exist_ok=True)
     write_json(config_path, cfg)
 

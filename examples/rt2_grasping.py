@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 
 import closed_loop  # noqa: E402
 from closed_loop import EVAL_FIRST_SEED, write_json  # noqa: E402
-from pct_grasping import _errors, load_demonstrations, prepare_out_dir, split_frames  # noqa: E402
+from pct_grasping import _errors, changed_settings, load_demonstrations, prepare_out_dir, split_frames  # noqa: E402
 
 from keras_sara.utils import atomic_write  # noqa: E402
 
@@ -423,9 +423,7 @@ def drop_uptraining(out_dir, cfg) -> None:
     config_path = os.path.join(out_dir, "run_config.json")
     if not os.path.exists(config_path):
         return
-    with open(config_path) as f:
-        previous = json.load(f)
-    changed = sorted(k for k in set(previous) | set(cfg) if previous.get(k) != cfg.get(k))
+    changed = changed_settings(out_dir, cfg)
     others = [k for k in changed if k not in UPTRAIN_KEYS]
     if others:
         raise SystemExit(f"--fresh-uptraining keeps the teachers, but {', '.join(others)} changed too, which "

@@ -87,7 +87,11 @@ def main(argv=None):
         lines.append(f"| {r['history']} | {r['policy']} | {what} | {r.get('distill', '')} | {r['mse_expert']:.4f} | "
                      f"{r['mse_teacher']:.4f} |")
     text = "\n".join(lines) + "\n"
-    atomic_write(os.path.join(args.out_dir, "uptraining_sweep.md"), lambda tmp: open(tmp, "w").write(text))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(os.path.join(args.out_dir, "uptraining_sweep.md"), write)
     print(text)
 
 
