@@ -49,6 +49,7 @@ from typing import Iterable, Optional, Sequence
 import keras
 import numpy as np
 
+from keras_sara.layers.sara_multi_head_attention import split_heads_layout
 from keras_sara.utils import atomic_write
 
 QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
@@ -65,15 +66,21 @@ QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
 #   conversions: an output unrelated to the reference has a relative error
 #   near 1 or above, a saturated or badly calibrated one well above 0.3.
 DEFAULT_TOLERANCES = {None: 1e-4, "float16": 1e-2, "dynamic": 0.2, "int8": 0.3}
-# Ops that `quantize="int8"` keeps in float by default. Measured on the 2-core
-# machine (4-layer 128-wide SARA encoder, 4,096 tokens, 2 threads, quiet):
-# float32 40.8 ms; full int8 262 ms (int8 BATCH_MATMUL, the attention core's
-# activation-by-activation products, is the slow kernel: one SARA layer at
-# 1,024 tokens 12.4 ms int8 vs 2.0 ms with it in float); with these ops in
-# float and every FULLY_CONNECTED, MUL, ADD and MAXIMUM in int8: 33.6 ms.
-# LayerNorm's statistics and GELU are slow in int8 too.
+# Ops that `quantize="int8"` keeps in float by default: everything on this CPU
+# whose int8 kernel is slower than float or whose int8 form only adds
+# QUANTIZE/DEQUANTIZE glue; the matmuls with constant weights
+# (FULLY_CONNECTED: projections, MLPs) go int8. Measured on the 2-core machine
+# (4-layer 128-wide SARA encoder, 4,096 tokens, per-head layout, LiteRT p50,
+# 1 / 2 threads, timed in turn): float32 64 / 39 ms; full int8 several times
+# slower than float32 (int8 BATCH_MATMUL, the attention core's
+# activation-by-activation products, is the slow kernel: 318 ms vs 69 ms with
+# it in float, 1 thread, flat layout); LayerNorm's statistics and GELU are
+# slow in int8 too; with MUL, ADD and MAXIMUM also int8 (the previous default)
+# 44 / 29 ms; with them in float 45 / 26 ms, fewer glue ops and a lower error
+# (relative 3.5e-2 vs 4.7e-2 on random-normal probes).
 DEFAULT_INT8_FLOAT_OPS = (
     "BATCH_MATMUL", "DIV", "SUM", "MEAN", "SQUARED_DIFFERENCE", "RSQRT", "NEG", "GELU",
+    "MUL", "ADD", "MAXIMUM",
 )
 
 # Random normal probes used when neither `probe` nor representative data is given.
@@ -529,6 +536,7 @@ def export_tflite(
     benchmark_runs: int = 20,
     int8_io: bool = False,
     int8_float_ops: Optional[Sequence[str]] = None,
+    split_heads: bool = True,
 ) -> ExportReport:
     """Convert a Keras model to a verified LiteRT (`.tflite`) file.
 
@@ -575,11 +583,18 @@ def export_tflite(
             inputs and outputs with the quantisation inside.
         int8_float_ops: with `quantize="int8"`, LiteRT op names kept in
             float32 (selective quantisation). None: `DEFAULT_INT8_FLOAT_OPS`,
-            the attention core (`BATCH_MATMUL`, `DIV`, `SUM`), LayerNorm's
-            statistics and GELU, whose int8 kernels are slower than float
-            here; the projections and MLPs (`FULLY_CONNECTED`) go int8. `()`:
+            the attention core (`BATCH_MATMUL`, `DIV`, `SUM`), LayerNorm,
+            GELU and the elementwise `MUL`/`ADD`/`MAXIMUM`, whose int8 kernels
+            are slower than float here or only add quantise/dequantise glue;
+            the projections and MLPs (`FULLY_CONNECTED`) go int8. `()`:
             full integer wherever the converter can (the default with
             `int8_io=True`).
+        split_heads: trace `SARAMultiHeadAttention` layers in their per-head
+            layout (`keras_sara.layers.split_heads_layout`): fewer flops in
+            the attention core and an int8-friendly output projection; same
+            outputs up to float32 rounding. False keeps the layout Keras
+            runs (one flat `K^T V` product with the output projection folded
+            in), for comparison.
 
     Returns:
         An `ExportReport`.
@@ -604,7 +619,8 @@ def export_tflite(
         raise ValueError(
             f"`model` must be a keras.Model. Received: model of type {type(model).__name__}"
         )
-    for name, value in (("builtins_only", builtins_only), ("verify", verify), ("int8_io", int8_io)):
+    for name, value in (("builtins_only", builtins_only), ("verify", verify), ("int8_io", int8_io),
+                        ("split_heads", split_heads)):
         if not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
     if int8_io and quantize != "int8":
@@ -669,6 +685,7 @@ def export_tflite(
         benchmark_runs=benchmark_runs,
         int8_io=int8_io,
         int8_float_ops=list(int8_float_ops),
+        split_heads=split_heads,
         input_shapes=[list(s) for s in shapes],
         input_dtypes=dtypes,
         input_names=names,
@@ -685,7 +702,8 @@ def export_tflite(
 
 
 def _convert(
-    model, shapes: list, dtypes: list, quantize, representative, builtins_only, int8_io, int8_float_ops=()
+    model, shapes: list, dtypes: list, quantize, representative, builtins_only, int8_io,
+    int8_float_ops=(), split_heads=True,
 ) -> bytes:
     """The flatbuffer of `model` at fixed shapes (TensorFlow backend only)."""
     import tensorflow as tf
@@ -701,10 +719,12 @@ def _convert(
         return {f"output_{i}": t for i, t in enumerate(keras.tree.flatten(outputs))}
 
     with tempfile.TemporaryDirectory(prefix="keras_sara_export_") as saved_model:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint(SIGNATURE_KEY, serve, specs)
-        archive.write_out(saved_model, verbose=False)
+        layout = split_heads_layout() if split_heads else contextlib.nullcontext()
+        with layout:  # SARA layers in their fastest LiteRT layout
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint(SIGNATURE_KEY, serve, specs)
+            archive.write_out(saved_model, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(
             saved_model, signature_keys=[SIGNATURE_KEY]
         )
@@ -958,6 +978,7 @@ def _export_tensorflow(model, path, settings, probes, references, representative
     buffer = _convert(
         model, shapes, dtypes, quantize, representative,
         settings["builtins_only"], settings["int8_io"], settings.get("int8_float_ops", ()),
+        settings.get("split_heads", True),
     )
     histogram, flex_ops, float_ops = _flatbuffer_ops(buffer)
     if quantize != "int8":  # dynamic-range ops take and give float32 by design

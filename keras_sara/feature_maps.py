@@ -83,6 +83,10 @@ class FeatureMap(keras.layers.Layer):
     #: whether `build` creates weights
     learnable = False
 
+    #: whether each output feature depends on its own input coordinate only
+    #: (so the map can run on one head at a time, as LiteRT export does)
+    elementwise = False
+
     #: default layer name (Keras would derive "re_lu" from "ReLU")
     default_name = None
 
@@ -130,6 +134,7 @@ class ReLU(FeatureMap):
     """
 
     default_name = "relu"
+    elementwise = True
 
     def __init__(self, stabilizer=1e-3, **kwargs):
         super().__init__(**kwargs)
@@ -157,6 +162,7 @@ class EluPlusOne(FeatureMap):
     """
 
     default_name = "elu_plus_one"
+    elementwise = True
 
     def call(self, inputs, role="query"):
         _check_role(role)

@@ -479,6 +479,25 @@ def test_int8_calibration_of_a_multi_input_model(tmp_path):
     assert report.verified and report.relative_error < 0.1, report.relative_error
 
 
+def test_split_heads_layout_is_the_default_and_can_be_turned_off(sara_model, float32_export, tmp_path):
+    """Per-head SARA layout by default (one projection per head, heads concatenated before
+    the output projection); `split_heads=False` exports the flat layout Keras runs."""
+    from keras_sara.export import export_tflite
+
+    flat = export_tflite(sara_model, str(tmp_path / "flat.tflite"), split_heads=False, benchmark_runs=0)
+    split = float32_export.op_histogram
+    assert flat.verified and float32_export.verified
+    # per layer: q, k, v per head + output + 2 MLP (split) vs q, k, v + folded output + 2 MLP (flat)
+    assert split["FULLY_CONNECTED"] == LAYERS * (3 * HEADS + 3), split
+    assert flat.op_histogram["FULLY_CONNECTED"] == LAYERS * 6, flat.op_histogram
+    assert split["CONCATENATION"] == LAYERS and "CONCATENATION" not in flat.op_histogram
+    x = np.random.default_rng(8).standard_normal(SHAPE).astype("float32")
+    assert rel_err(run_file(float32_export.path, x), run_file(flat.path, x)) <= 1e-5
+    with pytest.raises(ValueError, match="split_heads='no'"):
+        export_tflite(sara_model, str(tmp_path / "bad.tflite"), split_heads="no")
+    assert not (tmp_path / "bad.tflite").exists()
+
+
 def test_int8_keeps_the_attention_core_in_float_by_default(sara_model, calibration, tmp_path):
     """Selective int8: projections FULLY_CONNECTED int8, BATCH_MATMUL & co. float (see DEFAULT_INT8_FLOAT_OPS)."""
     from keras_sara.export import DEFAULT_INT8_FLOAT_OPS, export_tflite
@@ -488,6 +507,7 @@ def test_int8_keeps_the_attention_core_in_float_by_default(sara_model, calibrati
     full = export_tflite(sara_model, str(tmp_path / "full.tflite"), quantize="int8",
                          representative_data=calibration, int8_float_ops=(), benchmark_runs=0)
     assert selective.float_ops.get("BATCH_MATMUL", 0) > 0 and set(selective.float_ops) <= set(DEFAULT_INT8_FLOAT_OPS)
+    assert "FULLY_CONNECTED" not in selective.float_ops  # the projections and MLPs are int8
     assert "BATCH_MATMUL" not in full.float_ops
     assert selective.verified and full.verified
     for bad, match in ((dict(int8_float_ops="DIV"), "int8_float_ops='DIV'"),

@@ -206,38 +206,44 @@ def time_in_turn(runners: dict, inputs: list, cfg: dict) -> dict:
 
 
 def encoder_rows(cfg: dict, work: str) -> list:
+    """Per token count: export every (attention, precision) file, then time them all in turn.
+
+    Timing every variant of a token count call by call in turn (not one after
+    the other) keeps the ratios between them, int8 over float32 above all,
+    from drifting with the load of a shared machine.
+    """
     rows = []
-    points = [(n, p) for n in cfg["tokens"] for p in cfg["precisions"]]
-    for i, (tokens, precision) in enumerate(points, 1):
+    for i, tokens in enumerate(cfg["tokens"], 1):
         exported = {}
-        for attention in cfg["attentions"]:
-            row = export_point(attention, tokens, precision, cfg, work)
-            exported[attention] = row
-            state = row["status"] if row["status"] != "ok" else (
-                f"exported in {row['export_s']:.1f} s, {row['file_bytes'] / 1e6:.2f} MB, "
-                f"rel error {row['rel_error']:.1e}"
-            )
-            log(f"[{i}/{len(points)}] {attention} N={tokens} {precision}: {state}")
-        ok = {a: r for a, r in exported.items() if r["status"] == "ok"}
+        for precision in cfg["precisions"]:
+            for attention in cfg["attentions"]:
+                row = export_point(attention, tokens, precision, cfg, work)
+                exported[(attention, precision)] = row
+                state = row["status"] if row["status"] != "ok" else (
+                    f"exported in {row['export_s']:.1f} s, {row['file_bytes'] / 1e6:.2f} MB, "
+                    f"rel error {row['rel_error']:.1e}"
+                )
+                log(f"[{i}/{len(cfg['tokens'])}] {attention} N={tokens} {precision}: {state}")
+        ok = {key: r for key, r in exported.items() if r["status"] == "ok"}
         x = np.random.default_rng(1).standard_normal((scaling.BATCH, tokens, scaling.WIDTH))
         for threads in cfg["threads"]:
             timings, failure = {}, None
             if ok:
                 try:
-                    runners = {a: PolicyRunner(r["path"], num_threads=threads) for a, r in ok.items()}
+                    runners = {key: PolicyRunner(r["path"], num_threads=threads) for key, r in ok.items()}
                     timings = time_in_turn(runners, [x.astype(np.float32)], cfg)
                 except Exception as err:  # keep the sweep going; the row says why
                     failure = _error_text(err)
-                    log(f"    N={tokens} {precision} threads={threads}: {failure}")
+                    log(f"    N={tokens} threads={threads}: {failure}")
                 runners = None
-            for attention, base in exported.items():
+            for (attention, precision), base in exported.items():
                 row = {k: v for k, v in base.items() if k != "path"}
                 row["threads"] = threads
-                if failure and attention in ok:
+                if failure and (attention, precision) in ok:
                     row["status"] = failure
-                row.update(timings.get(attention, {}))
+                row.update(timings.get((attention, precision), {}))
                 rows.append(row)
-                if attention in timings:
+                if (attention, precision) in timings:
                     log(f"    {attention} {precision} N={tokens} threads={threads}: "
                         f"p50 {row['p50_ms']:.2f} ms, p90 {row['p90_ms']:.2f} ms ({row['runs']} runs)")
         for r in ok.values():
@@ -387,6 +393,16 @@ def derive(rows, cfg) -> dict:
                 _lookup(rows, benchmark="encoder", attention="sara", precision=precision, tokens=n, threads=threads),
             )
             for n in cfg["tokens"]
+        }
+        out[f"sara_{precision}_speedup_over_float32_by_threads"] = {
+            str(t): {
+                str(n): _ratio(
+                    _lookup(rows, benchmark="encoder", attention="sara", precision="float32", tokens=n, threads=t),
+                    _lookup(rows, benchmark="encoder", attention="sara", precision=precision, tokens=n, threads=t),
+                )
+                for n in cfg["tokens"]
+            }
+            for t in cfg["threads"]
         }
     hs = cfg["histories"]  # empty: the streaming benchmark was skipped
     out["stream_p50_ratio_longest_over_shortest"] = {

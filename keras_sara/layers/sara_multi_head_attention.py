@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 
 import keras
@@ -12,6 +14,40 @@ from keras_sara import feature_maps as fm_lib
 from keras_sara.ops import kernels as la
 
 DISTILLATION_TARGETS = ("scores", "outputs")
+
+_SPLIT_HEADS = contextvars.ContextVar("keras_sara_split_heads", default=False)
+
+
+@contextlib.contextmanager
+def split_heads_layout():
+    """Trace SARA layers in the per-head layout that LiteRT runs fastest.
+
+    Inside this context, inference calls of `SARAMultiHeadAttention` that can
+    fold the output projection (bidirectional, no masks, no scores, an
+    elementwise feature map such as `"relu"`) project each head with its own
+    slice of the query/key/value kernels and use
+    `keras_sara.ops.linear_attention_split_heads`: the same outputs up to
+    float32 rounding, with no transposes, H times fewer flops in `K^T V` and
+    the output projection left a constant-weight matmul that int8 conversion
+    quantises. `keras_sara.export.export_tflite` traces inside it; use it
+    around your own `tf.lite` conversion to get the same graph. Training
+    calls and every other case keep the default layout.
+
+    Example:
+    >>> import numpy as np
+    >>> layer = SARAMultiHeadAttention(num_heads=2, key_dim=4)
+    >>> x = np.random.rand(1, 6, 8).astype("float32")
+    >>> flat = np.asarray(layer(x, x))
+    >>> with split_heads_layout():
+    ...     per_head = np.asarray(layer(x, x))
+    >>> bool(np.allclose(flat, per_head, atol=1e-5))
+    True
+    """
+    token = _SPLIT_HEADS.set(True)
+    try:
+        yield
+    finally:
+        _SPLIT_HEADS.reset(token)
 
 
 class _BlendState(keras.layers.Layer):
@@ -369,6 +405,17 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         else:
             full_mask = None
 
+        if (
+            _SPLIT_HEADS.get()
+            and not training
+            and self._fidelity_records is None
+            and query_mask is None
+            and value_mask is None
+            and key_mask is None
+            and self._can_split_heads(rank, dense, use_causal_mask, return_attention_scores)
+        ):
+            return self._split_heads_attention(query, key, value)
+
         if self._use_gate:
             gate = self._gate_dense(query)
         q = self._query_dense(query)  # (B, T, H, K)
@@ -472,6 +519,44 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             and getattr(self._output_dense, "equation", None) == "abcd,cde->abe"
             and getattr(self._output_dense, "quantization_mode", None) is None
         )
+
+    def _can_split_heads(self, rank, dense, causal, return_scores):
+        """Whether `split_heads_layout` applies: fusable, per-head projections, elementwise map."""
+        projections = (self._query_dense, self._key_dense, self._value_dense)
+        return (
+            self._can_fuse_output(rank, dense, causal, return_scores)
+            and getattr(self.feature_map, "elementwise", False)
+            and all(
+                getattr(d, "equation", None) == "abc,cde->abde"
+                and getattr(d, "quantization_mode", None) is None
+                for d in projections
+            )
+        )
+
+    def _split_heads_attention(self, query, key, value):
+        """Inference in the per-head layout (see `split_heads_layout`)."""
+        dtype = self.compute_dtype
+
+        def project(dense, x, h):
+            y = ops.matmul(ops.cast(x, dtype), ops.cast(dense.kernel[:, h, :], dtype))
+            if dense.bias is not None:
+                y = y + ops.cast(dense.bias[h], dtype)
+            return y  # (B, T, K)
+
+        def features(x, role):  # the map sees (B, T, 1, K): one head
+            return ops.reshape(self.feature_map(ops.expand_dims(x, 2), role=role), ops.shape(x))
+
+        heads = self._query_dense.kernel.shape[1]
+        q_heads = [features(project(self._query_dense, query, h), "query") for h in range(heads)]
+        k_heads = [features(project(self._key_dense, key, h), "key") for h in range(heads)]
+        v_heads = [ops.cast(project(self._value_dense, value, h), "float32") for h in range(heads)]
+        out = la.linear_attention_split_heads(
+            q_heads, k_heads, v_heads, self._output_dense.kernel, self.eps
+        )
+        out = ops.cast(out, dtype)
+        if self._output_dense.bias is not None:
+            out = out + ops.cast(self._output_dense.bias, dtype)
+        return out
 
     def _fused_linear_attention(self, q, k, v, key_padding, query_mask, training):
         """Bidirectional linear attention with the output projection folded in."""

@@ -9,6 +9,7 @@ from keras_sara.ops.kernels import (
     initial_state,
     linear_attention,
     linear_attention_projected,
+    linear_attention_split_heads,
     linear_attention_weights,
 )
 from keras_sara.ops import naive
@@ -22,6 +23,7 @@ __all__ = [
     "initial_state",
     "linear_attention",
     "linear_attention_projected",
+    "linear_attention_split_heads",
     "linear_attention_weights",
     "naive",
 ]

@@ -269,6 +269,43 @@ def test_paths_are_chosen_as_documented():
         assert counts() == (1, 1, 1, 1)
 
 
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_split_heads_layout_same_outputs_and_only_where_it_applies(feature_map):
+    """`split_heads_layout` (the export layout): same outputs; per-head path only for
+    elementwise maps in unmasked inference calls, the default path everywhere else."""
+    from keras_sara.layers import split_heads_layout
+
+    _, sara = _pair(feature_map=feature_map)
+    x, y = _x(B, T, E), _x(B, S, E, seed=1)
+    value_mask = np.ones((B, S), bool)
+    value_mask[0, 3:] = False
+    calls = [lambda: sara(x, y), lambda: sara(x, y, value_mask=value_mask), lambda: sara(x, y, training=True)]
+    default = [to_numpy(c()) for c in calls]
+    with mock.patch.object(la, "linear_attention_split_heads", wraps=la.linear_attention_split_heads) as split:
+        with split_heads_layout():
+            inside = [to_numpy(c()) for c in calls]
+        outside = to_numpy(sara(x, y))
+    elementwise = feature_map in ("relu", "elu+1")
+    assert split.call_count == (1 if elementwise else 0)  # the masked and training calls never split
+    for a, b in zip(inside, default):
+        assert rel_err(a, b) <= 1e-5
+    np.testing.assert_array_equal(outside, default[0])  # the context is reset on exit
+
+
+def test_split_heads_layout_covers_mixed_precision_and_no_bias():
+    from keras_sara.layers import split_heads_layout
+
+    x = _x(B, T, E)
+    for kwargs in (dict(use_bias=False), dict(dtype="mixed_float16")):
+        sara = SARAMultiHeadAttention(num_heads=HEADS, key_dim=KEY_DIM, seed=1, **kwargs)
+        flat = to_numpy(sara(x, x))
+        with split_heads_layout():
+            per_head = to_numpy(sara(x, x))
+        assert per_head.dtype == flat.dtype
+        tol = 1e-5 if "dtype" not in kwargs else 2e-2
+        assert rel_err(per_head.astype("float32"), flat.astype("float32")) <= tol, kwargs
+
+
 @pytest.mark.parametrize("schedule", ["chunked", "parallel"])
 def test_causal_path_builds_no_length_by_length_tensor(schedule):
     length = 97  # an odd size that no other axis has
