@@ -606,6 +606,9 @@ def parse_args(argv=None):
     p.add_argument("--stream-precisions", nargs="+", choices=PRECISIONS[:3], default=["float32"])
     p.add_argument("--stream-steps", type=int, help=f"timed steps per history (default {STREAM_STEPS})")
     p.add_argument("--no-encoder", action="store_true", help="streaming benchmark only")
+    p.add_argument("--seconds", type=float,
+                   help=f"time budget per timed point, from which the run count follows "
+                        f"(default {TARGET_SECONDS:g}; {QUICK['target_seconds']:g} with --quick)")
     p.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "benchmarks", "results", "tflite"))
     args = p.parse_args(argv)
     for name in ("threads", "histories", "tokens"):
@@ -616,6 +619,8 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"`--{name.replace('_', '-')}` must be >= 1. Received: {v}")
+    if args.seconds is not None and not args.seconds > 0:
+        p.error(f"`--seconds` must be positive. Received: {args.seconds}")
     return args
 
 
@@ -638,7 +643,7 @@ def main(argv=None):
         "histories": sorted(set(args.histories)),
         "stream_precisions": list(args.stream_precisions),
         "stream_steps": args.stream_steps or quick.get("stream_steps", STREAM_STEPS),
-        "target_seconds": quick.get("target_seconds", TARGET_SECONDS),
+        "target_seconds": args.seconds or quick.get("target_seconds", TARGET_SECONDS),
         "min_runs": quick.get("min_runs", MIN_RUNS),
         "max_runs": quick.get("max_runs", MAX_RUNS),
         "warmup_runs": WARMUP_RUNS,
