@@ -445,7 +445,7 @@ def test_cli_exports_a_saved_model(sara_model, calibration, tmp_path):
         [
             sys.executable, "-m", "tflite.export", str(model_path), str(tmp_path / "policy.tflite"),
             "--quantize", "int8", "--calibration", str(tmp_path / "calib.npz"),
-            "--runs", "2", "--json", str(tmp_path / "report.json"),
+            "--runs", "2", "--json", str(tmp_path / "report.json"), "--no-split-heads",
         ],
         env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -453,6 +453,7 @@ def test_cli_exports_a_saved_model(sara_model, calibration, tmp_path):
     assert "LiteRT export report" in proc.stdout and "int8" in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["quantize"] == "int8" and report["verified"] and report["flex_free"]
+    assert "CONCATENATION" not in report["op_histogram"]  # --no-split-heads: the flat layout
     assert os.path.getsize(tmp_path / "policy.tflite") == report["size_bytes"]
 
     bad = subprocess.run(

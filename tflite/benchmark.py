@@ -206,11 +206,13 @@ def time_in_turn(runners: dict, inputs: list, cfg: dict) -> dict:
 
 
 def encoder_rows(cfg: dict, work: str) -> list:
-    """Per token count: export every (attention, precision) file, then time them all in turn.
+    """Per token count: export every (attention, precision) file, then time each attention's files in turn.
 
-    Timing every variant of a token count call by call in turn (not one after
-    the other) keeps the ratios between them, int8 over float32 above all,
-    from drifting with the load of a shared machine.
+    Timing the precisions of an attention call by call in turn (not one
+    after the other) keeps the ratios between them, int8 over float32 above
+    all, from drifting with the load of a shared machine. The attentions are
+    timed as separate groups so that the run count of SARA's group is not
+    set by softmax's slowest file (full-int8 softmax takes seconds a call).
     """
     rows = []
     for i, tokens in enumerate(cfg["tokens"], 1):
@@ -227,20 +229,23 @@ def encoder_rows(cfg: dict, work: str) -> list:
         ok = {key: r for key, r in exported.items() if r["status"] == "ok"}
         x = np.random.default_rng(1).standard_normal((scaling.BATCH, tokens, scaling.WIDTH))
         for threads in cfg["threads"]:
-            timings, failure = {}, None
-            if ok:
+            timings, failures = {}, {}
+            for attention in cfg["attentions"]:
+                group = {key: r for key, r in ok.items() if key[0] == attention}
+                if not group:
+                    continue
                 try:
-                    runners = {key: PolicyRunner(r["path"], num_threads=threads) for key, r in ok.items()}
-                    timings = time_in_turn(runners, [x.astype(np.float32)], cfg)
+                    runners = {key: PolicyRunner(r["path"], num_threads=threads) for key, r in group.items()}
+                    timings.update(time_in_turn(runners, [x.astype(np.float32)], cfg))
                 except Exception as err:  # keep the sweep going; the row says why
-                    failure = _error_text(err)
-                    log(f"    N={tokens} threads={threads}: {failure}")
+                    failures[attention] = _error_text(err)
+                    log(f"    {attention} N={tokens} threads={threads}: {failures[attention]}")
                 runners = None
             for (attention, precision), base in exported.items():
                 row = {k: v for k, v in base.items() if k != "path"}
                 row["threads"] = threads
-                if failure and (attention, precision) in ok:
-                    row["status"] = failure
+                if attention in failures and (attention, precision) in ok:
+                    row["status"] = failures[attention]
                 row.update(timings.get((attention, precision), {}))
                 rows.append(row)
                 if (attention, precision) in timings:

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-flex", action="store_true",
                    help="embed Flex (TF Select) ops instead of failing (needs --no-verify --runs 0)")
     p.add_argument("--int8-io", action="store_true", help="int8 inputs and outputs (with --quantize int8)")
+    p.add_argument("--no-split-heads", action="store_true",
+                   help="export SARA attention in the flat layout Keras runs (default: per-head)")
     p.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
     p.add_argument("--runs", type=int, default=20, help="timed invocations (default 20; 0 skips)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
             num_threads=args.threads,
             benchmark_runs=args.runs,
             int8_io=args.int8_io,
+            split_heads=not args.no_split_heads,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

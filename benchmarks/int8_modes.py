@@ -1,0 +1,217 @@
+"""Which quantisation pays for a SARA encoder in LiteRT, and what it costs in error.
+
+The 4-layer, 128-wide, 4-head SARA encoder of `benchmarks/scaling.py`
+(`build_model("encoder", "sara", tokens)`, random weights, seed 0) exported
+with `keras_sara.export.export_tflite` in every variant below, all verified
+against Keras; the variants of a thread count take turns call by call after
+warm-up (`tflite.benchmark.time_in_turn`), so machine load hits all alike and
+the ratios are comparable within a run:
+
+- layout `split` (the default, `split_heads=True`: one projection per head,
+  H times fewer flops in `K^T V`, output projection a constant-weight matmul)
+  and `flat` (`split_heads=False`: the layout Keras runs, output projection
+  folded into an activation-by-activation product);
+- `float32`, `float16`, `dynamic`, `int8` (selective, the default float-op
+  list), `int8_elementwise` (the previous default: `MUL`, `ADD`, `MAXIMUM` in
+  int8 as well) and `int8_full` (`int8_float_ops=()`, full integer; timed in
+  its own group, it is several times slower).
+
+int8 is calibrated on `--calibration-examples` random-normal inputs; every
+error is measured on `--probes` other random-normal inputs (held out from
+calibration): relative error `||litert - keras|| / ||keras||` and max abs error
+of the encoder's output. Random inputs are not a robot's: for a policy,
+calibrate and measure on real observations (`examples/pct_grasping.py`
+reports each quantised variant's error in action space).
+
+Writes `int8_modes.json` (rows, ratios, config, machine, command) and
+`int8_modes.md` under `--out-dir`, atomically, and prints the table.
+
+Usage:
+    python benchmarks/int8_modes.py                 # 4,096 tokens, 1 and 2 threads, about 8 minutes
+    python benchmarks/int8_modes.py --quick         # 256 tokens, about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+import tempfile
+
+os.environ["KERAS_BACKEND"] = "tensorflow"  # export runs on TensorFlow
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+
+from benchmarks import scaling  # noqa: E402
+from benchmarks.pct_latency import write_text  # noqa: E402
+from keras_sara.export import DEFAULT_INT8_FLOAT_OPS, export_tflite  # noqa: E402
+from tflite.benchmark import machine_info, time_in_turn, write_json  # noqa: E402
+from tflite.runner import PolicyRunner  # noqa: E402
+
+# name: (split_heads, quantize, int8_float_ops)
+VARIANTS = {
+    "split float32": (True, None, None),
+    "split float16": (True, "float16", None),
+    "split dynamic": (True, "dynamic", None),
+    "split int8": (True, "int8", None),
+    "split int8_elementwise": (True, "int8", tuple(o for o in DEFAULT_INT8_FLOAT_OPS if o not in ("MUL", "ADD", "MAXIMUM"))),
+    "flat float32": (False, None, None),
+    "flat int8": (False, "int8", None),
+}
+FULL_INT8 = {"split int8_full": (True, "int8", ())}
+BASELINE = "split float32"
+DEFAULT_TOKENS, QUICK_TOKENS = 4096, 256
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def export_variant(name, spec, tokens, calibration, probes, work) -> dict:
+    split_heads, quantize, float_ops = spec
+    keras.utils.set_random_seed(0)
+    model = scaling.build_model("encoder", "sara", tokens)
+    kwargs = {}
+    if quantize == "int8":
+        kwargs = dict(representative_data=calibration, int8_float_ops=float_ops)
+    path = os.path.join(work, name.replace(" ", "_") + ".tflite")
+    report = export_tflite(
+        model, path, quantize=quantize, probe=probes, split_heads=split_heads,
+        tolerance=None if quantize in (None, "float16") else 1.0, benchmark_runs=0, **kwargs,
+    )
+    keras.backend.clear_session()
+    return {
+        "variant": name, "path": path, "file_bytes": report.size_bytes,
+        "rel_error": report.relative_error, "max_abs_error": report.max_abs_error,
+        "float_ops": dict(sorted(report.float_ops.items())),
+        "ops": sum(report.op_histogram.values()),
+    }
+
+
+def run(cfg: dict) -> list:
+    tokens = cfg["tokens"]
+    rng = np.random.default_rng(tokens)
+    shape = (cfg["calibration_examples"], tokens, scaling.WIDTH)
+    calibration = rng.standard_normal(shape).astype(np.float32)
+    probes = rng.standard_normal((cfg["probes"], tokens, scaling.WIDTH)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((1, tokens, scaling.WIDTH)).astype(np.float32)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="keras_sara_int8_modes_") as work:
+        exported = {}
+        groups = [VARIANTS] + ([FULL_INT8] if cfg["full_int8"] else [])
+        for group in groups:
+            for name, spec in group.items():
+                exported[name] = export_variant(name, spec, tokens, calibration, probes, work)
+                e = exported[name]
+                log(f"exported {name}: {e['file_bytes'] / 1e6:.2f} MB, rel error {e['rel_error']:.1e}")
+        for threads in cfg["threads"]:
+            for group in groups:
+                runners = {n: PolicyRunner(exported[n]["path"], num_threads=threads) for n in group}
+                timing_cfg = dict(cfg["timing"])
+                if group is FULL_INT8:
+                    timing_cfg.update(min_runs=3, max_runs=10)
+                timings = time_in_turn(runners, [x], timing_cfg)
+                for name, t in timings.items():
+                    row = {k: v for k, v in exported[name].items() if k != "path"}
+                    row.update(threads=threads, tokens=tokens, **t)
+                    rows.append(row)
+                    log(f"  {name} threads={threads}: p50 {t['p50_ms']:.2f} ms, p90 {t['p90_ms']:.2f} ms")
+                runners = None
+    return rows
+
+
+def speedups(rows) -> dict:
+    """p50 of `split float32` over each variant's p50, per thread count."""
+    out = {}
+    for threads in sorted({r["threads"] for r in rows}):
+        base = next(r["p50_ms"] for r in rows if r["threads"] == threads and r["variant"] == BASELINE)
+        out[str(threads)] = {r["variant"]: base / r["p50_ms"] for r in rows if r["threads"] == threads}
+    return out
+
+
+def markdown(rows, cfg, ratios) -> str:
+    threads = sorted({r["threads"] for r in rows})
+    head = " | ".join(f"p50 ms {t}t | x vs split float32 {t}t" for t in threads)
+    lines = [
+        f"SARA encoder (4 layers, width {scaling.WIDTH}, {scaling.NUM_HEADS} heads, MLP ratio "
+        f"{scaling.MLP_RATIO}), {cfg['tokens']:,} tokens, batch 1, LiteRT (XNNPACK); variants of one "
+        "thread count timed in turn (full int8 in its own group). Errors on "
+        f"{cfg['probes']} held-out random-normal inputs (int8 calibrated on "
+        f"{cfg['calibration_examples']} others).",
+        "",
+        f"| variant | {head} | relative error | max abs error | size MB | ops kept in float32 |",
+        "|---|" + "---:|---:|" * len(threads) + "---:|---:|---:|---|",
+    ]
+    for name in list(VARIANTS) + (list(FULL_INT8) if cfg["full_int8"] else []):
+        by_t = {r["threads"]: r for r in rows if r["variant"] == name}
+        r = by_t[threads[0]]
+        cells = " | ".join(f"{by_t[t]['p50_ms']:.1f} | {ratios[str(t)][name]:.2f}" for t in threads)
+        float_ops = ", ".join(f"{k} {v}" for k, v in r["float_ops"].items()) or "-"
+        if name.endswith(("float32", "float16", "dynamic")):
+            float_ops = "(all; float16: weights only; dynamic: int8 weights)"
+        lines.append(f"| {name} | {cells} | {r['rel_error']:.1e} | {r['max_abs_error']:.1e} | "
+                     f"{r['file_bytes'] / 1e6:.2f} | {float_ops} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, help=f"tokens (default {DEFAULT_TOKENS}; {QUICK_TOKENS} with --quick)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--seconds", type=float, help="time budget per group and thread count (default 8; 1 with --quick)")
+    p.add_argument("--calibration-examples", type=int, default=8)
+    p.add_argument("--probes", type=int, default=4, help="held-out inputs for the errors (default 4)")
+    p.add_argument("--no-full-int8", action="store_true", help="skip the (slow) full-integer variant")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens, short timing")
+    p.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "benchmarks", "results", "int8_modes"))
+    args = p.parse_args(argv)
+    for name in ("tokens", "calibration_examples", "probes"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"`--{name.replace('_', '-')}` must be >= 1. Received: {v}")
+    if min(args.threads) < 1:
+        p.error(f"`--threads` must be positive integers. Received: {args.threads}")
+    if args.seconds is not None and not args.seconds > 0:
+        p.error(f"`--seconds` must be positive. Received: {args.seconds}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    seconds = args.seconds or (1.0 if args.quick else 8.0)
+    cfg = {
+        "tokens": args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS),
+        "threads": sorted(set(args.threads)),
+        "calibration_examples": args.calibration_examples,
+        "probes": args.probes,
+        "full_int8": not args.no_full_int8,
+        "timing": dict(target_seconds=seconds, min_runs=5, max_runs=400),
+        "default_int8_float_ops": list(DEFAULT_INT8_FLOAT_OPS),
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    load_start = os.getloadavg()
+    rows = run(cfg)
+    ratios = speedups(rows)
+    table = markdown(rows, cfg, ratios)
+    payload = {
+        "rows": rows, "speedup_over_split_float32": ratios, "config": cfg,
+        "machine": machine_info(started, load_average_start=load_start[0], load_average_end=os.getloadavg()[0]),
+        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT)] + sys.argv[1:]),
+    }
+    write_json(os.path.join(args.out_dir, "int8_modes.json"), payload)
+    write_text(os.path.join(args.out_dir, "int8_modes.md"), table + "\n")
+    print(table)
+    print(f"Load average start/end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f}. Wrote {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
