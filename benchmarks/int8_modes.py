@@ -53,7 +53,7 @@ import keras  # noqa: E402
 from benchmarks import scaling  # noqa: E402
 from benchmarks.pct_latency import write_text  # noqa: E402
 from keras_sara.export import DEFAULT_INT8_FLOAT_OPS, export_tflite  # noqa: E402
-from tflite.benchmark import machine_info, time_in_turn, write_json  # noqa: E402
+from tflite.benchmark import check_args, machine_info, time_in_turn, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
 
 # name: (split_heads, quantize, int8_float_ops)
@@ -173,14 +173,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens, short timing")
     p.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "benchmarks", "results", "int8_modes"))
     args = p.parse_args(argv)
-    for name in ("tokens", "calibration_examples", "probes"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            p.error(f"`--{name.replace('_', '-')}` must be >= 1. Received: {v}")
-    if min(args.threads) < 1:
-        p.error(f"`--threads` must be positive integers. Received: {args.threads}")
-    if args.seconds is not None and not args.seconds > 0:
-        p.error(f"`--seconds` must be positive. Received: {args.seconds}")
+    check_args(p, args, lists=("threads",), counts=("tokens", "calibration_examples", "probes"),
+               positive=("seconds",))
     return args
 
 

@@ -616,17 +616,27 @@ def parse_args(argv=None):
                         f"(default {TARGET_SECONDS:g}; {QUICK['target_seconds']:g} with --quick)")
     p.add_argument("--out-dir", default=os.path.join(REPO_ROOT, "benchmarks", "results", "tflite"))
     args = p.parse_args(argv)
-    for name in ("threads", "histories", "tokens"):
+    check_args(p, args, lists=("threads", "histories", "tokens"),
+               counts=("calibration_examples", "mlp_ratio", "max_softmax_tokens", "stream_steps"),
+               positive=("seconds",))
+    return args
+
+
+def check_args(parser, args, lists=(), counts=(), positive=()) -> None:
+    """`parser.error` naming the flag and value: list flags with a value < 1,
+    integer flags < 1, float flags <= 0 (flags left at None are skipped)."""
+    for name in lists:
         values = getattr(args, name)
         if values and min(values) < 1:
-            p.error(f"`--{name}` must be positive integers. Received: {values}")
-    for name in ("calibration_examples", "mlp_ratio", "max_softmax_tokens", "stream_steps"):
+            parser.error(f"`--{name.replace('_', '-')}` must be positive integers. Received: {values}")
+    for name in counts:
         v = getattr(args, name)
         if v is not None and v < 1:
-            p.error(f"`--{name.replace('_', '-')}` must be >= 1. Received: {v}")
-    if args.seconds is not None and not args.seconds > 0:
-        p.error(f"`--seconds` must be positive. Received: {args.seconds}")
-    return args
+            parser.error(f"`--{name.replace('_', '-')}` must be >= 1. Received: {v}")
+    for name in positive:
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            parser.error(f"`--{name.replace('_', '-')}` must be positive. Received: {v}")
 
 
 def main(argv=None):
