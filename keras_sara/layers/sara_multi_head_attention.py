@@ -27,7 +27,7 @@ def split_heads_layout():
     elementwise feature map such as `"relu"`) project each head with its own
     slice of the query/key/value kernels and use
     `keras_sara.ops.linear_attention_split_heads`: the same outputs up to
-    float32 rounding, with no transposes, H times fewer flops in `K^T V` and
+    float32 rounding, with no transpose ops, H times fewer flops in `K^T V` and
     the output projection left a constant-weight matmul that int8 conversion
     quantises. `keras_sara.export.export_tflite` traces inside it; use it
     around your own `tf.lite` conversion to get the same graph. Training

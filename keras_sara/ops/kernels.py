@@ -249,7 +249,7 @@ def linear_attention_split_heads(q_heads, k_heads, v_heads, output_kernel, eps: 
 
     The same result as `linear_attention_projected` (no masks), laid out for
     LiteRT export: the caller projects each head with its own slice of the
-    projection kernels, so no tensor is ever transposed and the products
+    projection kernels, so the graph has no transpose op and the products
     over keys are per head:
 
         Psi_h = K_h^T V_h,  Gamma_h = K_h^T 1            (B, M, D), (B, M, 1)
