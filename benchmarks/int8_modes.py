@@ -14,7 +14,13 @@ the ratios are comparable within a run:
 - `float32`, `float16`, `dynamic`, `int8` (selective, the default float-op
   list), `int8_elementwise` (the previous default: `MUL`, `ADD`, `MAXIMUM` in
   int8 as well) and `int8_full` (`int8_float_ops=()`, full integer; timed in
-  its own group, it is several times slower).
+  its own group, it is several times slower);
+- `unfolded float32` / `unfolded int8`: the split layout with
+  `fold_layernorm=False` (LayerNorm scale and shift computed in place rather
+  than folded into the projections that read them).
+
+The LayerNorms get random scales and shifts (a fresh layer's are 1 and 0), so
+the folded variants' errors include quantising the folded kernels.
 
 int8 is calibrated on `--calibration-examples` random-normal inputs; every
 error is measured on `--probes` other random-normal inputs (held out from
@@ -56,17 +62,21 @@ from keras_sara.export import DEFAULT_INT8_FLOAT_OPS, export_tflite  # noqa: E40
 from tflite.benchmark import check_args, machine_info, time_in_turn, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
 
-# name: (split_heads, quantize, int8_float_ops)
+# name: (split_heads, quantize, int8_float_ops, fold_layernorm)
 VARIANTS = {
-    "split float32": (True, None, None),
-    "split float16": (True, "float16", None),
-    "split dynamic": (True, "dynamic", None),
-    "split int8": (True, "int8", None),
-    "split int8_elementwise": (True, "int8", tuple(o for o in DEFAULT_INT8_FLOAT_OPS if o not in ("MUL", "ADD", "MAXIMUM"))),
-    "flat float32": (False, None, None),
-    "flat int8": (False, "int8", None),
+    "split float32": (True, None, None, True),
+    "split float16": (True, "float16", None, True),
+    "split dynamic": (True, "dynamic", None, True),
+    "split int8": (True, "int8", None, True),
+    "split int8_elementwise": (
+        True, "int8", tuple(o for o in DEFAULT_INT8_FLOAT_OPS if o not in ("MUL", "ADD", "MAXIMUM")), True,
+    ),
+    "unfolded float32": (True, None, None, False),
+    "unfolded int8": (True, "int8", None, False),
+    "flat float32": (False, None, None, True),
+    "flat int8": (False, "int8", None, True),
 }
-FULL_INT8 = {"split int8_full": (True, "int8", ())}
+FULL_INT8 = {"split int8_full": (True, "int8", (), True)}
 BASELINE = "split float32"
 DEFAULT_TOKENS, QUICK_TOKENS = 4096, 256
 
@@ -75,16 +85,27 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _randomise_layernorms(model) -> None:
+    """LayerNorm scale 1 + N(0, 0.1^2), shift N(0, 0.1^2): a trained model's are not 1 and 0,
+    so the folded variants' errors include the folded weights' quantisation."""
+    rng = np.random.default_rng(2)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.LayerNormalization):
+            layer.gamma.assign(1.0 + 0.1 * rng.standard_normal(layer.gamma.shape).astype(np.float32))
+            layer.beta.assign(0.1 * rng.standard_normal(layer.beta.shape).astype(np.float32))
+
+
 def export_variant(name, spec, tokens, calibration, probes, work) -> dict:
-    split_heads, quantize, float_ops = spec
+    split_heads, quantize, float_ops, fold = spec
     keras.utils.set_random_seed(0)
     model = scaling.build_model("encoder", "sara", tokens)
+    _randomise_layernorms(model)
     kwargs = {}
     if quantize == "int8":
         kwargs = dict(representative_data=calibration, int8_float_ops=float_ops)
     path = os.path.join(work, name.replace(" ", "_") + ".tflite")
     report = export_tflite(
-        model, path, quantize=quantize, probe=probes, split_heads=split_heads,
+        model, path, quantize=quantize, probe=probes, split_heads=split_heads, fold_layernorm=fold,
         tolerance=None if quantize in (None, "float16") else 1.0, benchmark_runs=0, **kwargs,
     )
     keras.backend.clear_session()

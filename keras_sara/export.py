@@ -49,6 +49,7 @@ from typing import Iterable, Optional, Sequence
 import keras
 import numpy as np
 
+from keras_sara.folding import fold_layernorm as fold_layernorm_affine
 from keras_sara.layers.sara_multi_head_attention import split_heads_layout
 from keras_sara.utils import atomic_write
 
@@ -127,6 +128,9 @@ class ExportReport:
             (None when `benchmark_runs=0`).
         benchmark_runs, num_threads: how latency was measured.
         source_backend: the Keras backend the model came from.
+        folded_layernorms: LayerNormalization layers whose scale and shift
+            were folded into the projections that read them before
+            conversion (`fold_layernorm=True`; see `keras_sara.folding`).
     """
 
     path: str
@@ -152,6 +156,7 @@ class ExportReport:
     benchmark_runs: int = 0
     num_threads: int = 1
     source_backend: str = "tensorflow"
+    folded_layernorms: list = dataclasses.field(default_factory=list)
 
     @property
     def flex_free(self) -> bool:
@@ -203,6 +208,8 @@ class ExportReport:
             ("vs keras", verdict),
             ("latency", latency),
             ("from backend", self.source_backend),
+            ("layernorm fold", f"{len(self.folded_layernorms)} folded into their projections"
+             if self.folded_layernorms else "none"),
         ]
         width = max(len(k) for k, _ in rows)
         lines = ["LiteRT export report"] + [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -537,6 +544,7 @@ def export_tflite(
     int8_io: bool = False,
     int8_float_ops: Optional[Sequence[str]] = None,
     split_heads: bool = True,
+    fold_layernorm: bool = True,
 ) -> ExportReport:
     """Convert a Keras model to a verified LiteRT (`.tflite`) file.
 
@@ -595,6 +603,14 @@ def export_tflite(
             outputs up to float32 rounding. False keeps the layout Keras
             runs (one flat `K^T V` product with the output projection folded
             in), for comparison.
+        fold_layernorm: convert a copy of the model in which each
+            LayerNormalization read only by Dense or attention projections
+            computes the plain normalisation and those projections carry its
+            scale and shift (`keras_sara.folding.fold_layernorm`): three
+            fewer full-size elementwise passes per LayerNorm, same outputs up
+            to float32 rounding; verification still compares with `model`
+            itself. The report lists what was folded. False converts the
+            model as it is.
 
     Returns:
         An `ExportReport`.
@@ -620,7 +636,7 @@ def export_tflite(
             f"`model` must be a keras.Model. Received: model of type {type(model).__name__}"
         )
     for name, value in (("builtins_only", builtins_only), ("verify", verify), ("int8_io", int8_io),
-                        ("split_heads", split_heads)):
+                        ("split_heads", split_heads), ("fold_layernorm", fold_layernorm)):
         if not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
     if int8_io and quantize != "int8":
@@ -686,6 +702,7 @@ def export_tflite(
         int8_io=int8_io,
         int8_float_ops=list(int8_float_ops),
         split_heads=split_heads,
+        fold_layernorm=fold_layernorm,
         input_shapes=[list(s) for s in shapes],
         input_dtypes=dtypes,
         input_names=names,
@@ -975,6 +992,10 @@ def _export_tensorflow(model, path, settings, probes, references, representative
     shapes = [tuple(s) for s in settings["input_shapes"]]
     dtypes = settings["input_dtypes"]
     quantize = settings["quantize"]
+    folded = []
+    if settings.get("fold_layernorm", True):  # references come from the unfolded model
+        model, fold_report = fold_layernorm_affine(model)
+        folded = fold_report.folded
     buffer = _convert(
         model, shapes, dtypes, quantize, representative,
         settings["builtins_only"], settings["int8_io"], settings.get("int8_float_ops", ()),
@@ -1032,6 +1053,7 @@ def _export_tensorflow(model, path, settings, probes, references, representative
         benchmark_runs=settings["benchmark_runs"],
         num_threads=num_threads,
         source_backend=settings["source_backend"],
+        folded_layernorms=folded,
         **errors,
         **tensors,
     )

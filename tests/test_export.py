@@ -446,6 +446,7 @@ def test_cli_exports_a_saved_model(sara_model, calibration, tmp_path):
             sys.executable, "-m", "tflite.export", str(model_path), str(tmp_path / "policy.tflite"),
             "--quantize", "int8", "--calibration", str(tmp_path / "calib.npz"),
             "--runs", "2", "--json", str(tmp_path / "report.json"), "--no-split-heads",
+            "--no-fold-layernorm",
         ],
         env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -454,6 +455,7 @@ def test_cli_exports_a_saved_model(sara_model, calibration, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["quantize"] == "int8" and report["verified"] and report["flex_free"]
     assert "CONCATENATION" not in report["op_histogram"]  # --no-split-heads: the flat layout
+    assert report["folded_layernorms"] == []  # --no-fold-layernorm
     assert os.path.getsize(tmp_path / "policy.tflite") == report["size_bytes"]
 
     bad = subprocess.run(
@@ -518,4 +520,31 @@ def test_int8_keeps_the_attention_core_in_float_by_default(sara_model, calibrati
                           representative_data=calibration, **bad)
     with pytest.raises(ValueError, match="quantize='int8' only"):
         export_tflite(sara_model, str(tmp_path / "bad.tflite"), int8_float_ops=["DIV"])
+    assert not (tmp_path / "bad.tflite").exists()
+
+
+def test_layernorm_fold_is_the_default_and_can_be_turned_off(tmp_path):
+    """Each LayerNorm's scale and shift go into the projections that read it
+    (`keras_sara.folding`): fewer full-size MUL/ADD ops, same file outputs, and
+    verification is still against the unfolded Keras model."""
+    from keras_sara.export import export_tflite
+
+    keras.utils.set_random_seed(4)
+    model = encoder("sara")
+    rng = np.random.default_rng(4)
+    layernorms = [l for l in model.layers if isinstance(l, keras.layers.LayerNormalization)]
+    for ln in layernorms:  # a trained model's LayerNorms are not 1 and 0
+        ln.gamma.assign(1.0 + 0.5 * rng.standard_normal(WIDTH).astype("float32"))
+        ln.beta.assign(0.5 * rng.standard_normal(WIDTH).astype("float32"))
+    folded = export_tflite(model, str(tmp_path / "folded.tflite"), benchmark_runs=0)
+    plain = export_tflite(model, str(tmp_path / "plain.tflite"), fold_layernorm=False, benchmark_runs=0)
+    assert folded.folded_layernorms == sorted(l.name for l in layernorms) and plain.folded_layernorms == []
+    assert "4 folded into their projections" in str(folded)
+    assert folded.verified and plain.verified and folded.relative_error <= 1e-5
+    for op in ("MUL", "ADD"):  # scale (x inv) and shift (+ beta) of each LayerNorm are gone
+        assert folded.op_histogram[op] <= plain.op_histogram[op] - len(layernorms), op
+    x = rng.standard_normal(SHAPE).astype("float32")
+    assert rel_err(run_file(folded.path, x), run_file(plain.path, x)) <= 1e-5
+    with pytest.raises(ValueError, match="fold_layernorm=1"):
+        export_tflite(model, str(tmp_path / "bad.tflite"), fold_layernorm=1)
     assert not (tmp_path / "bad.tflite").exists()

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-io", action="store_true", help="int8 inputs and outputs (with --quantize int8)")
     p.add_argument("--no-split-heads", action="store_true",
                    help="export SARA attention in the flat layout Keras runs (default: per-head)")
+    p.add_argument("--no-fold-layernorm", action="store_true",
+                   help="keep LayerNorm scale and shift in place (default: folded into the "
+                        "projections that read them)")
     p.add_argument("--threads", type=int, default=2, help="interpreter threads (default 2)")
     p.add_argument("--runs", type=int, default=20, help="timed invocations (default 20; 0 skips)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
@@ -119,6 +122,7 @@ def main(argv=None) -> int:
             benchmark_runs=args.runs,
             int8_io=args.int8_io,
             split_heads=not args.no_split_heads,
+            fold_layernorm=not args.no_fold_layernorm,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
