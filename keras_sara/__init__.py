@@ -10,7 +10,9 @@ converted layers and models that `convert` makes, for `keras.saving`, so
 `.keras` files that use them load with no extra argument.
 """
 
-from keras_sara import callbacks, conversion, distribution, export, feature_maps, layers, models, ops, streaming
+from keras_sara import (
+    callbacks, conversion, distribution, export, feature_maps, folding, layers, models, ops, streaming,
+)
 from keras_sara.conversion import ConversionReport, clone_function, convert, finalize, make_clone_function
 from keras_sara.layers import SARAMultiHeadAttention
 
@@ -27,6 +29,7 @@ __all__ = [
     "export",
     "feature_maps",
     "finalize",
+    "folding",
     "layers",
     "make_clone_function",
     "models",
