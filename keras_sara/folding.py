@@ -126,11 +126,52 @@ def _projection_ok(proj) -> str:
     return ""
 
 
-def _plan(model):
-    """{ln name: [(consumer name, projection attribute or None)]}, skipped."""
-    graph = _graph(model)
-    if graph is None:
-        return {}, {}, None
+def _why_not(node, nodes, count, output_ids):
+    """`(readers, reason)` for the LayerNorm `node`: its readers as
+    `(layer, projection, projection attribute or None)`, and '' when it can
+    be folded, else why not."""
+    ln, out = node.operation, node.outputs[0]
+    if count[id(ln)] != 1:
+        return [], "the layer is called more than once"
+    if ln.rms_scaling or not (ln.center or ln.scale):
+        return [], "no scale or shift to fold (rms_scaling, or center=False and scale=False)"
+    if not _is_last_axis(ln, len(out.shape)):
+        return [], f"it normalises axis {ln.axis}, not the last one"
+    if ln.compute_dtype != "float32" or ln.variable_dtype != "float32":
+        return [], f"it computes in {ln.compute_dtype} (only float32 is folded)"
+    if id(out) in output_ids:
+        return [], "its output is a model output"
+    readers = []
+    for other in nodes:
+        if not any(t is out for t in other.input_tensors):
+            continue
+        op = other.operation
+        if count[id(op)] != 1:
+            return [], f"its reader '{op.name}' is called more than once"
+        if isinstance(op, keras.layers.MultiHeadAttention):
+            roles = _mha_roles(op, other, out)
+            if roles is None:
+                return [], f"it is passed to '{op.name}' as a mask or other non-projected input"
+            readers += [(op, getattr(op, r), r) for r in roles]
+        elif isinstance(op, keras.layers.Dense):
+            readers.append((op, op, None))
+        else:
+            return [], f"it is read by '{op.name}' ({type(op).__name__}), which is not a projection"
+    if not readers:
+        return [], "nothing reads it"
+    beta_nonzero = ln.center and np.any(keras.ops.convert_to_numpy(ln.beta) != 0)
+    for _, proj, _ in readers:
+        reason = _projection_ok(proj)
+        if not reason and beta_nonzero and proj.bias is None:
+            reason = f"its shift is nonzero and '{proj.name}' has no bias to take it"
+        if reason:
+            return [], reason
+    return readers, ""
+
+
+def _plan(graph):
+    """`{ln name: [(reader name, projection attribute or None)]}` and
+    `{ln name: reason}` for the LayerNorms of `graph` left as they are."""
     nodes = _nodes(graph)
     count = {}
     for n in nodes:
@@ -138,54 +179,13 @@ def _plan(model):
     output_ids = {id(t) for t in graph.outputs}
     plan, skipped = {}, {}
     for node in nodes:
-        ln = node.operation
-        if not isinstance(ln, keras.layers.LayerNormalization):
-            continue
-        reason = ""
-        out = node.outputs[0]
-        if count[id(ln)] != 1:
-            reason = "the layer is called more than once"
-        elif ln.rms_scaling or not (ln.center or ln.scale):
-            reason = "no scale or shift to fold (rms_scaling, or center=False and scale=False)"
-        elif not _is_last_axis(ln, len(out.shape)):
-            reason = f"it normalises axis {ln.axis}, not the last one"
-        elif ln.compute_dtype != "float32" or ln.variable_dtype != "float32":
-            reason = f"it computes in {ln.compute_dtype} (only float32 is folded)"
-        elif id(out) in output_ids:
-            reason = "its output is a model output"
-        readers = []
-        for other in nodes if not reason else []:
-            if not any(t is out for t in other.input_tensors):
-                continue
-            op = other.operation
-            if count[id(op)] != 1:
-                reason = f"its reader '{op.name}' is called more than once"
-            elif isinstance(op, keras.layers.MultiHeadAttention):
-                roles = _mha_roles(op, other, out)
-                if roles is None:
-                    reason = f"it is passed to '{op.name}' as a mask or other non-projected input"
-                else:
-                    readers += [(op, getattr(op, r), r) for r in roles]
-            elif isinstance(op, keras.layers.Dense):
-                readers.append((op, op, None))
+        if isinstance(node.operation, keras.layers.LayerNormalization):
+            readers, reason = _why_not(node, nodes, count, output_ids)
+            if reason:
+                skipped[node.operation.name] = reason
             else:
-                reason = f"it is read by '{op.name}' ({type(op).__name__}), which is not a projection"
-            if reason:
-                break
-        if not reason and not readers:
-            reason = "nothing reads it"
-        beta_nonzero = ln.center and np.any(keras.ops.convert_to_numpy(ln.beta) != 0)
-        for _, proj, _ in readers if not reason else []:
-            reason = _projection_ok(proj)
-            if not reason and beta_nonzero and proj.bias is None:
-                reason = f"its shift is nonzero and '{proj.name}' has no bias to take it"
-            if reason:
-                break
-        if reason:
-            skipped[ln.name] = reason
-        else:
-            plan[ln.name] = [(op.name, attr) for op, _, attr in readers]
-    return plan, skipped, graph
+                plan[node.operation.name] = [(op.name, attr) for op, _, attr in readers]
+    return plan, skipped
 
 
 def fold_layernorm(model):
@@ -199,8 +199,8 @@ def fold_layernorm(model):
         `(folded_model, FoldReport)`. Layers that take no part in a fold are
         shared with `model` (same objects and weights, called once more on
         the copy's inputs); the LayerNorms and the layers that read them are
-        new. `model` is not modified. When
-        nothing can be folded, `folded_model` is `model` itself.
+        new. The weights and graph of `model` are not modified. When nothing
+        can be folded, `folded_model` is `model` itself.
 
     Raises:
         ValueError: `model` is not a built `keras.Model`.
@@ -218,10 +218,10 @@ def fold_layernorm(model):
         raise ValueError(
             f"`model` must be built before folding. Received: model '{model.name}' with built=False"
         )
-    plan, skipped, graph = _plan(model)
+    graph = _graph(model)
+    plan, skipped = _plan(graph) if graph is not None else ({}, {})
     if not plan:
         return model, FoldReport(folded=[], skipped=skipped)
-    by_name = {op.name: op for op in (n.operation for n in _nodes(graph))}
     readers = {name for entries in plan.values() for name, _ in entries}
 
     def clone(op):
@@ -235,15 +235,14 @@ def fold_layernorm(model):
         return op
 
     folded = keras.models.clone_model(graph, clone_function=clone)
-    new_by_name = {op.name: op for op in (n.operation for n in _nodes(folded))}
     for name in readers:
-        new_by_name[name].set_weights(by_name[name].get_weights())
+        folded.get_layer(name).set_weights(graph.get_layer(name).get_weights())
     for ln_name, entries in plan.items():
-        ln = by_name[ln_name]
+        ln = graph.get_layer(ln_name)
         gamma = keras.ops.convert_to_numpy(ln.gamma) if ln.scale else None
         beta = keras.ops.convert_to_numpy(ln.beta) if ln.center else None
         for reader_name, attr in entries:
-            reader = new_by_name[reader_name]
+            reader = folded.get_layer(reader_name)
             _fold_into(reader if attr is None else getattr(reader, attr), gamma, beta)
     return folded, FoldReport(folded=sorted(plan), skipped=skipped)
 
