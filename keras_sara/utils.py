@@ -34,3 +34,51 @@ def atomic_write(path: str, write: Callable[[str], object]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def full_float32_matmuls():
+    """Run float32 matrix products in full float32 inside the block, on any backend.
+
+    On Ampere and newer NVIDIA GPUs, JAX's default precision and TensorFlow
+    compute float32 `dot`/`einsum` in TF32 (a 10-bit mantissa), so two
+    mathematically equal graphs can differ by about 1e-3 relative. The
+    library's own checks (`finalize(verify=True)`) compare two computations
+    of the same function against a float32 tolerance and run inside this
+    block. Leaves every setting as it found it; on CPUs it changes nothing
+    that matters.
+
+    Example:
+
+    >>> with full_float32_matmuls():
+    ...     y = keras.ops.matmul(a, b)  # doctest: +SKIP
+    """
+    import keras
+
+    name = keras.backend.backend()
+    if name == "jax":
+        import jax
+
+        with jax.default_matmul_precision("highest"):
+            yield
+    elif name == "torch":
+        import torch
+
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    elif name == "tensorflow":
+        import tensorflow as tf  # already imported by Keras on this backend
+
+        saved = tf.config.experimental.tensor_float_32_execution_enabled()
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+        try:
+            yield
+        finally:
+            tf.config.experimental.enable_tensor_float_32_execution(saved)
+    else:
+        yield

@@ -75,9 +75,11 @@ def value_and_grads(fn, inputs, cotangent, jit: bool = True):
     elif name == "torch":
         import torch
 
-        xs = [torch.tensor(x, requires_grad=True) for x in inputs]
+        # On Keras' device (a GPU when there is one): Keras moves CPU inputs
+        # there, and the cotangent must meet the output on the same device.
+        xs = [keras.ops.convert_to_tensor(x).detach().requires_grad_(True) for x in inputs]
         out = fn(*xs)
-        loss = (out * torch.as_tensor(cotangent, dtype=out.dtype)).sum()
+        loss = (out * torch.as_tensor(cotangent, dtype=out.dtype, device=out.device)).sum()
         grads = torch.autograd.grad(loss, xs, allow_unused=True, materialize_grads=True)
         out = out.detach()
     else:
