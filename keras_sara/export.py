@@ -993,13 +993,13 @@ def _export_tensorflow(model, path, settings, probes, references, representative
     dtypes = settings["input_dtypes"]
     quantize = settings["quantize"]
     folded = []
-    if settings.get("fold_layernorm", True):  # references come from the unfolded model
+    if settings["fold_layernorm"]:  # references come from the unfolded model
         model, fold_report = fold_layernorm_affine(model)
         folded = fold_report.folded
     buffer = _convert(
         model, shapes, dtypes, quantize, representative,
-        settings["builtins_only"], settings["int8_io"], settings.get("int8_float_ops", ()),
-        settings.get("split_heads", True),
+        settings["builtins_only"], settings["int8_io"], settings["int8_float_ops"],
+        settings["split_heads"],
     )
     histogram, flex_ops, float_ops = _flatbuffer_ops(buffer)
     if quantize != "int8":  # dynamic-range ops take and give float32 by design
