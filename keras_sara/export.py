@@ -406,17 +406,36 @@ def _as_numpy(x, name: str, dtype: str) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
-def _batches(data, name: str, shapes: list, dtypes: list) -> list:
+def _by_input_name(data: dict, name: str, input_names: list, where: str = "") -> list:
+    """A dict keyed by the model's input names, as a list in input order."""
+    keys = list(data)
+    missing = [n for n in input_names if n not in data]
+    extra = [k for k in keys if k not in input_names]
+    if missing or extra:
+        problems = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+        raise ValueError(
+            f"`{name}` keys must be the model's input names {input_names}{where}. "
+            f"Received: keys {keys} ({', '.join(problems)})"
+        )
+    return [data[n] for n in input_names]
+
+
+def _batches(data, name: str, shapes: list, dtypes: list, input_names: Optional[list] = None) -> list:
     """Normalise example data into a list of batches, each a list of arrays of the exported shapes.
 
     Accepted forms (N examples, exported shapes with batch size B):
     - one array of shape (N, *shape[1:]) for a single-input model;
-    - a list/tuple with one such array per input (same N);
+    - a list/tuple with one such array per input (same N), or a dict of
+      them keyed by the model's input names;
     - any other iterable of batches, each an array (or a list/tuple of
-      arrays, one per input) of exactly the exported shape(s).
+      arrays, one per input, or a dict keyed by input name) of exactly the
+      exported shape(s).
     Arrays of examples are cut into N // B batches of B consecutive examples.
     """
     n_inputs = len(shapes)
+    input_names = list(input_names) if input_names else [f"input_{i}" for i in range(n_inputs)]
+    if isinstance(data, dict):
+        data = _by_input_name(data, name, input_names)
     example_shapes = [s[1:] for s in shapes]
     batch = shapes[0][0]
 
@@ -459,13 +478,16 @@ def _batches(data, name: str, shapes: list, dtypes: list) -> list:
         _is_array(a) and np.ndim(a) == len(ex) + 1 for a, ex in zip(data, example_shapes)
     ):
         return examples_form(list(data))
-    if isinstance(data, (str, bytes, dict)) or not isinstance(data, Iterable):
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise ValueError(
-            f"`{name}` must be an array of examples, a list of arrays (one per input) or an "
-            f"iterable of batches. Received: {name} of type {type(data).__name__}"
+            f"`{name}` must be an array of examples, a list of arrays (one per input), a dict of "
+            f"arrays keyed by input name or an iterable of batches. Received: {name} of type "
+            f"{type(data).__name__}"
         )
     out = []
     for step, item in enumerate(data):
+        if isinstance(item, dict):
+            item = _by_input_name(item, name, input_names, where=f" (batch {step})")
         arrays = [item] if _is_array(item) else list(item) if isinstance(item, (list, tuple)) else None
         if arrays is None or len(arrays) != n_inputs:
             raise ValueError(
@@ -560,8 +582,9 @@ def export_tflite(
             for the rest; needs `representative_data`).
         representative_data: example inputs for int8 calibration: an array
             of shape `(N, *input_shape[1:])` (first axis = examples), a list
-            of such arrays for a multi-input model, or an iterable of batches
-            of the exported shape. Calibrate on realistic inputs: the ranges
+            of such arrays for a multi-input model or a dict of them keyed
+            by the model's input names, or an iterable of batches of the
+            exported shape. Calibrate on realistic inputs: the ranges
             seen here are the ranges the file can represent. Without `probe`,
             its first batches are also the verification probes (in-sample:
             pass held-out `probe` data for an out-of-sample figure).
@@ -682,11 +705,11 @@ def export_tflite(
     names, shapes, dtypes = _resolve_input_specs(model, input_shapes)
     representative = None
     if representative_data is not None:
-        representative = _batches(representative_data, "representative_data", shapes, dtypes)
+        representative = _batches(representative_data, "representative_data", shapes, dtypes, names)
     if not verify:
         probes = []
     elif probe is not None:
-        probes = _batches(probe, "probe", shapes, dtypes)
+        probes = _batches(probe, "probe", shapes, dtypes, names)
     elif representative is not None:
         probes = representative[:MAX_REPRESENTATIVE_PROBES]
     else:

@@ -7,6 +7,7 @@ the whole file stays under a few minutes on 2 CPU cores.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -382,6 +383,15 @@ def test_bad_arguments_fail_before_writing(sara_model, tmp_path):
         export_tflite(two_input_model(), out, quantize="int8", representative_data=np.zeros((4, 8)))
     with pytest.raises(ValueError, match=r"must each be a list of 2 arrays"):
         export_tflite(two_input_model(), out, quantize="int8", representative_data=[np.zeros((4, 8))])
+    two = two_input_model()
+    names = [t.name for t in two.inputs]
+    with pytest.raises(ValueError, match=r"`representative_data` keys must be the model's input names "
+                                         + re.escape(str(names)) + r"\. Received: keys \['a'\] \(missing"):
+        export_tflite(two, out, quantize="int8", representative_data={"a": np.zeros((4, 8))})
+    bad_batch = {names[0]: np.zeros((1, 8)), names[1]: np.zeros((1, 4)), "extra": np.zeros((1, 4))}
+    with pytest.raises(ValueError, match=r"`probe` keys must be the model's input names .* \(batch 0\)\. "
+                                         r"Received: .*\(unexpected \['extra'\]\)"):
+        export_tflite(two, out, probe=[bad_batch])
     assert os.listdir(tmp_path) == []
 
 
@@ -480,6 +490,15 @@ def test_int8_calibration_of_a_multi_input_model(tmp_path):
     report = export_tflite(model, str(tmp_path / "multi.tflite"), quantize="int8",
                            representative_data=calibration)
     assert report.verified and report.relative_error < 0.1, report.relative_error
+    # the same examples as a dict keyed by input name, in another key order, and the default probes (the
+    # first calibration batches) as dict batches: the same file and the same error
+    by_name = {f"in_{i}": calibration[i] for i in reversed(range(5))}
+    probes = [{f"in_{i}": calibration[i][j : j + 1] for i in range(5)} for j in range(report.num_probes)]
+    report_dict = export_tflite(model, str(tmp_path / "multi_dict.tflite"), quantize="int8",
+                                representative_data=by_name, probe=probes)
+    assert report_dict.verified and report_dict.num_probes == report.num_probes
+    assert (tmp_path / "multi_dict.tflite").read_bytes() == (tmp_path / "multi.tflite").read_bytes()
+    assert report_dict.relative_error == pytest.approx(report.relative_error)
 
 
 def test_split_heads_layout_is_the_default_and_can_be_turned_off(sara_model, float32_export, tmp_path):

@@ -25,7 +25,9 @@ def _run(args, timeout=900):
 def test_bad_arguments_are_refused(tmp_path):
     for args, message in ((["--threads", "0"], "`--threads` must be positive integers. Received: [0]"),
                           (["--seconds", "0"], "`--seconds` must be positive. Received: 0.0"),
-                          (["--probes", "0"], "`--probes` must be >= 1. Received: 0")):
+                          (["--probes", "0"], "`--probes` must be >= 1. Received: 0"),
+                          (["--rounds", "0"], "`--rounds` must be >= 1. Received: 0"),
+                          (["--variants", "split int4"], "argument --variants: invalid choice: 'split int4'")):
         proc = _run([*args, "--out-dir", str(tmp_path / "out")], timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
@@ -57,3 +59,23 @@ def test_small_run_reports_every_variant(tmp_path):
     table = (tmp_path / "int8_modes.md").read_text()
     assert "| variant |" in table and "| split int8 |" in table and "| unfolded int8 |" in table
     assert "split int8_full" not in table
+
+
+def test_rounds_report_each_rounds_speedup(tmp_path):
+    proc = _run(["--tokens", "32", "--threads", "1", "--seconds", "0.1", "--no-full-int8", "--variants", "split int8",
+                 "--rounds", "3", "--mlp-ratio", "2", "--out-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "int8_modes.json").read_text())
+    assert payload["config"]["variants"] == ["split float32", "split int8"]  # the baseline is always timed
+    assert payload["config"]["mlp_ratio"] == 2
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"split float32", "split int8"}
+    for r in rows.values():
+        assert len(r["round_p50_ms"]) == 3 and r["p50_ms"] == sorted(r["round_p50_ms"])[1]
+    per_round = payload["speedup_per_round"]["1"]["split int8"]
+    base, int8 = rows["split float32"]["round_p50_ms"], rows["split int8"]["round_p50_ms"]
+    assert per_round == pytest.approx([b / v for b, v in zip(base, int8)])
+    assert (tmp_path / "int8_rounds.png").stat().st_size > 0
+    table = (tmp_path / "int8_modes.md").read_text()
+    assert "MLP ratio 2" in table and "x per round 1t" in table
+    assert f"{min(per_round):.2f}-{max(per_round):.2f}" in table
