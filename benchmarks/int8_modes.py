@@ -38,8 +38,8 @@ feed-forward block instead of the PCT-style one.
 
 Writes `int8_modes.json` (rows, ratios, config, machine, command),
 `int8_modes.md` and, with `--rounds` > 1, `int8_rounds.png` (each round's
-speed-up per variant and thread count) under `--out-dir`, atomically, and
-prints the table.
+speed-up against that round's float32 time, per thread count) under
+`--out-dir`, atomically, and prints the table.
 
 Usage:
     python benchmarks/int8_modes.py                 # 4,096 tokens, 1 and 2 threads, about 8 minutes
@@ -233,30 +233,30 @@ def markdown(rows, cfg, ratios, per_round) -> str:
     return "\n".join(lines)
 
 
-def write_rounds_plot(path, per_round, cfg) -> None:
-    """Each round's speed-up over `split float32`, one panel per thread count."""
+def write_rounds_plot(path, rows, per_round, cfg) -> None:
+    """Each round's speed-up over `split float32` against that round's float32 p50, one panel per
+    thread count: on a shared machine the float32 time says how loaded the host was."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.MaxNLocator below)
 
     threads = sorted(per_round, key=int)
-    fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(threads), figsize=(6 * len(threads), 4.2), squeeze=False)
     for ax, t in zip(axes[0], threads):
+        base = next(r for r in rows if str(r["threads"]) == t and r["variant"] == BASELINE)["round_p50_ms"]
         for name, x in per_round[t].items():
             if name == BASELINE:
                 continue
-            ax.plot(range(1, len(x) + 1), x, marker="o", label=f"{name} (median {np.median(x):.2f}x)")
+            ax.scatter(base, x, label=f"{name}: median {np.median(x):.2f}x, {min(x):.2f}-{max(x):.2f}x")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("round (variants timed in turn within a round)")
-        ax.set_ylabel("speed-up over split float32 (p50)")
-        ax.set_title(f"{t} thread{'s' if t != '1' else ''}")
+        ax.set_xlabel(f"{BASELINE} p50 in the round (ms): higher = busier host")
+        ax.set_ylabel(f"speed-up over {BASELINE} (p50)")
+        ax.set_title(f"{t} thread{'s' if t != '1' else ''}, {len(base)} rounds")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"LiteRT SARA encoder, {cfg['tokens']:,} tokens, MLP ratio {cfg['mlp_ratio']}: "
-                 "speed-up per round")
+                 "speed-up per round (variants timed in turn within a round)")
     fig.tight_layout()
 
     def write(tmp):
@@ -320,7 +320,7 @@ def main(argv=None):
     write_json(os.path.join(args.out_dir, "int8_modes.json"), payload)
     write_text(os.path.join(args.out_dir, "int8_modes.md"), table + "\n")
     if cfg["rounds"] > 1:
-        write_rounds_plot(os.path.join(args.out_dir, "int8_rounds.png"), per_round, cfg)
+        write_rounds_plot(os.path.join(args.out_dir, "int8_rounds.png"), rows, per_round, cfg)
     print(table)
     print(f"Load average start/end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f}. Wrote {args.out_dir}")
 
