@@ -57,11 +57,13 @@ def _stabiliser(z, role):
     for every key of the sum, so it also cancels (up to its effect on `eps`).
     Gradients do not flow through it (it is a stop-gradient constant).
     """
+    # `ops.amax`, not `ops.max`: Keras' torch `max` inspects its result in a way torch.compile
+    # cannot trace (a graph break per call); the values are the same.
     if role == "query":
-        m = ops.max(z, axis=-1, keepdims=True)
+        m = ops.amax(z, axis=-1, keepdims=True)
     else:
         axes = _sequence_axes(len(z.shape)) + (len(z.shape) - 1,)
-        m = ops.max(z, axis=axes, keepdims=True)
+        m = ops.amax(z, axis=axes, keepdims=True)
     return ops.stop_gradient(m)
 
 
@@ -259,7 +261,9 @@ class FavorPlus(FeatureMap):
     def call(self, inputs, role="query", training=None):
         _check_role(role)
         dim = inputs.shape[-1]
-        w = self.projection
+        # the variable's tensor, not the variable: torch.compile cannot trace an einsum over a Keras
+        # variable (a graph break per call)
+        w = ops.convert_to_tensor(self.projection)
         if self.redraw and training and role == "query":
             w = _orthogonal_gaussian_ops(w.shape[0], dim, self.seed_generator)
             self.projection.assign(w)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import threading
 import warnings
 
 import keras
@@ -15,7 +15,14 @@ from keras_sara.ops import kernels as la
 
 DISTILLATION_TARGETS = ("scores", "outputs")
 
-_SPLIT_HEADS = contextvars.ContextVar("keras_sara_split_heads", default=False)
+# Threads inside `split_heads_layout`, as thread id -> nesting depth. A plain dict rather than a
+# ContextVar: torch.compile cannot trace `ContextVar.get` (one graph break per attention call),
+# while an empty dict is a cheap, traceable check that short-circuits the thread lookup.
+_SPLIT_HEADS_THREADS: dict = {}
+
+
+def _split_heads_active() -> bool:
+    return bool(_SPLIT_HEADS_THREADS) and threading.get_ident() in _SPLIT_HEADS_THREADS
 
 
 @contextlib.contextmanager
@@ -31,7 +38,9 @@ def split_heads_layout():
     the output projection left a constant-weight matmul that int8 conversion
     quantises. `keras_sara.export.export_tflite` traces inside it; use it
     around your own `tf.lite` conversion to get the same graph. Training
-    calls and every other case keep the default layout.
+    calls and every other case keep the default layout. The context holds for
+    the thread that enters it (other threads keep the default layout) and
+    nests.
 
     Example:
     >>> import numpy as np
@@ -43,11 +52,14 @@ def split_heads_layout():
     >>> bool(np.allclose(flat, per_head, atol=1e-5))
     True
     """
-    token = _SPLIT_HEADS.set(True)
+    thread = threading.get_ident()
+    _SPLIT_HEADS_THREADS[thread] = _SPLIT_HEADS_THREADS.get(thread, 0) + 1
     try:
         yield
     finally:
-        _SPLIT_HEADS.reset(token)
+        depth = _SPLIT_HEADS_THREADS.pop(thread) - 1
+        if depth:
+            _SPLIT_HEADS_THREADS[thread] = depth
 
 
 class _BlendState(keras.layers.Layer):
@@ -406,7 +418,7 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             full_mask = None
 
         if (
-            _SPLIT_HEADS.get()
+            _split_heads_active()
             and not training
             and self._fidelity_records is None
             and query_mask is None

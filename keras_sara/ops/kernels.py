@@ -178,6 +178,12 @@ def linear_attention(q, k, v, key_mask=None, eps: float = DEFAULT_EPS):
     return _normalise(out_aug, eps, dtype)
 
 
+def _head_index(heads: int, size: int):
+    """`[0]*size + [1]*size + ... + [heads-1]*size` as an int tensor of static shape `(heads*size,)`."""
+    per_head = ops.broadcast_to(ops.expand_dims(ops.arange(heads), 1), (heads, size))
+    return ops.reshape(per_head, (heads * size,))
+
+
 def linear_attention_projected(
     q, k, v, output_kernel, key_mask=None, query_mask=None, eps: float = DEFAULT_EPS
 ):
@@ -225,9 +231,11 @@ def linear_attention_projected(
     qf = ops.reshape(q, (shape_q[0], shape_q[1], heads * m))  # (B, T, H*M)
     kf = ops.reshape(k, (shape_k[0], shape_k[1], heads * m))  # (B, S, H*M)
     vf = ops.reshape(v, (shape_k[0], shape_k[1], heads * d))  # (B, S, H*D)
-    # block-diagonal selectors: head of each flat feature / value index
-    head_m = ops.repeat(ops.arange(heads), m)  # (H*M,)
-    head_d = ops.repeat(ops.arange(heads), d)  # (H*D,)
+    # block-diagonal selectors: head of each flat feature / value index. Built by broadcast and
+    # reshape, whose shapes are static: `ops.repeat` lowers to a data-dependent-shape op on torch,
+    # which torch.compile cannot capture (a graph break per call).
+    head_m = _head_index(heads, m)  # (H*M,)
+    head_d = _head_index(heads, d)  # (H*D,)
     same_head = ops.cast(ops.expand_dims(head_m, 1) == ops.expand_dims(head_d, 0), "float32")  # (H*M, H*D)
     head_onehot = ops.cast(ops.expand_dims(head_m, 1) == ops.expand_dims(ops.arange(heads), 0), "float32")  # (H*M, H)
 

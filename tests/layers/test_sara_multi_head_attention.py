@@ -306,6 +306,59 @@ def test_split_heads_layout_covers_mixed_precision_and_no_bias():
         assert rel_err(per_head.astype("float32"), flat.astype("float32")) <= tol, kwargs
 
 
+def test_split_heads_layout_nests_and_holds_for_its_thread_only():
+    import threading
+
+    from keras_sara.layers import sara_multi_head_attention as smha
+    from keras_sara.layers import split_heads_layout
+
+    seen = {}
+
+    def other_thread():
+        seen["active"] = smha._split_heads_active()
+
+    assert not smha._split_heads_active()
+    with split_heads_layout():
+        with split_heads_layout():
+            assert smha._split_heads_active()
+        assert smha._split_heads_active()  # leaving the inner context keeps the outer one
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert seen["active"] is False  # another thread keeps the default layout
+    assert not smha._split_heads_active()
+    with pytest.raises(RuntimeError, match="boom"):
+        with split_heads_layout():
+            raise RuntimeError("boom")
+    assert not smha._split_heads_active() and smha._SPLIT_HEADS_THREADS == {}
+
+
+@pytest.mark.skipif(backend() != "torch", reason="torch.compile is the PyTorch backend's compiler")
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_torch_compile_sees_no_graph_break_in_keras_sara(feature_map):
+    """torch.compile (dynamo) captures the layer's own code whole: no graph break points into keras_sara
+    (a data-dependent `ops.repeat` and a ContextVar read each broke every call before)."""
+    import os
+
+    import torch
+
+    import keras_sara
+
+    _, sara = _pair(feature_map=feature_map)
+    x = keras.ops.convert_to_tensor(_x(B, T, E))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda a: sara(a, a))(x)
+    package = os.path.dirname(os.path.abspath(keras_sara.__file__)) + os.sep
+    ours = [
+        f"{r.reason} at {frame.filename}:{frame.lineno}"
+        for r in explanation.break_reasons
+        for frame in r.user_stack
+        if os.path.abspath(frame.filename).startswith(package)
+    ]
+    assert not ours, ours
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("schedule", ["chunked", "parallel"])
 def test_causal_path_builds_no_length_by_length_tensor(schedule):
     length = 97  # an odd size that no other axis has
