@@ -106,7 +106,7 @@ def _randomise_layernorms(model) -> None:
             layer.beta.assign(0.1 * rng.standard_normal(layer.beta.shape).astype(np.float32))
 
 
-def export_variant(name, spec, tokens, calibration, probes, work, mlp_ratio=scaling.MLP_RATIO) -> dict:
+def export_variant(name, spec, tokens, calibration, probes, work, mlp_ratio) -> dict:
     split_heads, quantize, float_ops, fold = spec
     keras.utils.set_random_seed(0)
     model = scaling.build_model("encoder", "sara", tokens, mlp_ratio)

@@ -420,7 +420,7 @@ def _by_input_name(data: dict, name: str, input_names: list, where: str = "") ->
     return [data[n] for n in input_names]
 
 
-def _batches(data, name: str, shapes: list, dtypes: list, input_names: Optional[list] = None) -> list:
+def _batches(data, name: str, shapes: list, dtypes: list, input_names: list) -> list:
     """Normalise example data into a list of batches, each a list of arrays of the exported shapes.
 
     Accepted forms (N examples, exported shapes with batch size B):
@@ -433,7 +433,6 @@ def _batches(data, name: str, shapes: list, dtypes: list, input_names: Optional[
     Arrays of examples are cut into N // B batches of B consecutive examples.
     """
     n_inputs = len(shapes)
-    input_names = list(input_names) if input_names else [f"input_{i}" for i in range(n_inputs)]
     if isinstance(data, dict):
         data = _by_input_name(data, name, input_names)
     example_shapes = [s[1:] for s in shapes]
