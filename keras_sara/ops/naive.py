@@ -112,3 +112,47 @@ def naive_linear_attention_weights(
         a = ops.where(lower[None, None], a, ops.zeros_like(a))
     den = ops.sum(a, axis=-1, keepdims=True)  # (B, H, T, 1)
     return a / (den + eps)
+
+
+def naive_structured_linear_attention(
+    q, k, v, mask=None, q_rot=None, k_rot=None, eps: float = 1e-6
+):
+    """Grouped-query linear attention (rotary numerator optional) under a dense mask.
+
+    The reference of `keras_sara.ops.structured`: key/value heads are
+    repeated to the query heads (as Llama does), the numerator and
+    normaliser kernel matrices are materialised, and each query row is
+    computed on its own in a Python loop.
+
+    Args:
+        q: feature-mapped queries, `(B, T, N, M)`.
+        k: feature-mapped keys, `(B, S, K, M)`, N a multiple of K.
+        v: values, `(B, S, K, D)`.
+        mask: optional boolean `(B, T, S)`, True = visible.
+        q_rot, k_rot: optional rotated features for the numerator.
+        eps: positive constant added to each row's normaliser.
+
+    Returns:
+        `(B, T, N, D)` in `v.dtype`.
+    """
+    v = ops.convert_to_tensor(v)
+    dtype = v.dtype
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = (ops.cast(x, "float32") for x in (q, k, v))
+    k = ops.repeat(k, groups, axis=2)  # (B, S, N, M)
+    v = ops.repeat(v, groups, axis=2)  # (B, S, N, D)
+    q_num = q if q_rot is None else ops.cast(q_rot, "float32")
+    k_num = k if k_rot is None else ops.repeat(ops.cast(k_rot, "float32"), groups, axis=2)
+    rows = []
+    for t in range(q.shape[1]):
+        den_t = ops.einsum("bnm,bsnm->bns", q[:, t], k)  # (B, N, S)
+        num_t = ops.einsum("bnm,bsnm->bns", q_num[:, t], k_num)  # (B, N, S)
+        v_t = v
+        if mask is not None:
+            keep = ops.cast(mask, "bool")[:, t][:, None, :]  # (B, 1, S)
+            den_t = ops.where(keep, den_t, ops.zeros_like(den_t))
+            num_t = ops.where(keep, num_t, ops.zeros_like(num_t))
+            v_t = ops.where(ops.transpose(keep, (0, 2, 1))[..., None], v, ops.zeros_like(v))  # (B, S, N, D)
+        out_t = ops.einsum("bns,bsnd->bnd", num_t, v_t) / (ops.sum(den_t, axis=-1)[..., None] + eps)
+        rows.append(out_t)
+    return ops.cast(ops.stack(rows, axis=1), dtype)  # (B, T, N, D)
