@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from keras_sara.conversion import _attention_layers, _select
-from keras_sara.layers.sara_multi_head_attention import DISTILLATION_TARGETS, SARAMultiHeadAttention
+from keras_sara.layers.sara_state import DISTILLATION_TARGETS, SARALayer
 
 SCHEDULES = ("hard", "constant", "linear", "cosine")
 
@@ -187,10 +187,10 @@ class UpTraining(keras.callbacks.Callback):
     # -------------------------------------------------------------- set-up
 
     def _find_targets(self):
-        sara = [(p, l) for p, l in _attention_layers(self.model) if isinstance(l, SARAMultiHeadAttention)]
+        sara = [(p, l) for p, l in _attention_layers(self.model) if isinstance(l, SARALayer)]
         if not sara:
             raise ValueError(
-                f"UpTraining: model '{self.model.name}' has no SARAMultiHeadAttention layer. "
+                f"UpTraining: model '{self.model.name}' has no SARA attention layer. "
                 "Convert it first: `student, report = keras_sara.convert(model, blend=0.0)`."
             )
         chosen = _select(sara, self.layers)

@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -65,7 +66,10 @@ import numpy as np
 from keras.src.models.functional import Functional  # no public alias
 from keras.src.models.sequential import Sequential
 
+from keras_sara import adapters as adapters_lib
 from keras_sara import feature_maps as fm_lib
+from keras_sara.adapters import AdaptedAttention
+from keras_sara.layers.sara_state import SARALayer
 from keras_sara.layers.sara_multi_head_attention import SARAMultiHeadAttention
 from keras_sara.utils import full_float32_matmuls
 
@@ -82,6 +86,7 @@ __all__ = [
 #: The name every converted custom layer or model serialises under.
 REGISTERED_NAME = "keras_sara>SARAConverted"
 _CONFIG_KEY = "sara_conversion"
+_ADAPT_KEY = "sara_adapt"  # a swap record of an attention adapted in place: its SARA options
 _SARA_KWARGS = ("eps", "causal_schedule", "chunk_size", "blend")
 # Base-class modules that may be imported while loading (as Keras allows).
 _IMPORTABLE_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp", "keras_sara")
@@ -140,6 +145,9 @@ class ConversionReport:
             `||student - teacher|| / ||teacher||` over all outputs. None when
             not measured (`verify=False`, or no probe could be built).
         probe_shapes: shapes of the probe inputs used.
+        quadratic_layers: paths of the SARA layers that the probe batch
+            called with a dense `attention_mask` (or `sliding_window`), so
+            they ran the exact but quadratic (T, S) kernel-matrix path.
         notes: free-text remarks (for example why no probe was run).
 
     Example:
@@ -158,6 +166,7 @@ class ConversionReport:
     max_abs_error: float | None = None
     relative_error: float | None = None
     probe_shapes: list = dataclasses.field(default_factory=list)
+    quadratic_layers: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
 
     @property
@@ -194,6 +203,8 @@ class ConversionReport:
                 f"outputs on probe {shapes}, before up-training: max abs error "
                 f"{self.max_abs_error:.3e}, relative error {self.relative_error:.3e}"
             )
+        if self.quadratic_layers:
+            lines.append(f"quadratic path (dense attention_mask): {', '.join(self.quadratic_layers)}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -291,6 +302,18 @@ def _copy_attention_weights(sara, mha) -> list[str]:
 
 
 def _same_projection_weights(sara, mha) -> bool:
+    if isinstance(sara, AdaptedAttention):
+        # adapted in place: every teacher variable, and each projection by name
+        adapter = adapters_lib.adapter_for(sara)
+        pairs = [(getattr(mha, a), getattr(sara, a)) for a in adapter.projections]
+        pairs.append((mha, sara))
+        for src, dst in pairs:
+            theirs, ours = src.get_weights(), dst.get_weights()[: len(src.weights)]
+            if len(ours) != len(theirs) or any(
+                a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(theirs, ours)
+            ):
+                return False
+        return True
     for attr in _MHA_PROJECTIONS:
         src, dst = getattr(mha, attr, None), getattr(sara, attr, None)
         if (src is None) != (dst is None):
@@ -408,6 +431,8 @@ def _resolve_class(identity: dict):
     cls = keras.saving.get_registered_object(identity["registered_name"])
     if cls is None:
         cls = keras.saving.get_registered_object(identity["class_name"])
+    if isinstance(cls, _InitShim):  # `_copy_model`'s stand-in; the subclass applies it
+        cls = cls.cls
     module = identity.get("module") or ""
     if cls is None and module.split(".")[0] in _IMPORTABLE_PACKAGES:
         try:
@@ -444,7 +469,10 @@ def _converted_class(base):
     def from_config(klass, config, *args, **kwargs):
         config = dict(config)
         spec = config.pop(_CONFIG_KEY, None) or {"swaps": []}
-        obj = super(cls, klass).from_config(config, *args, **kwargs)
+        if _needs_init_shim(base):  # as `_copy_model` copies it (finalize copies a student)
+            obj = _shim_from_config(klass, config)
+        else:
+            obj = super(cls, klass).from_config(config, *args, **kwargs)
         if type(obj) is not cls:  # a base from_config that ignores `cls`
             obj.__class__ = cls
         for swap in spec["swaps"]:
@@ -456,8 +484,11 @@ def _converted_class(base):
         for parent_index, refs, pending_config in vars(self).get("_sara_swaps", ()):
             if pending_config is None:
                 layer = _get_ref(_descend(self, parent_index), refs[0])
-                layer_config = keras.saving.serialize_keras_object(layer)
-                layer_config.pop("build_config", None)
+                if isinstance(layer, AdaptedAttention):  # re-classed in place on reload
+                    layer_config = {_ADAPT_KEY: layer.sara_options()}
+                else:
+                    layer_config = keras.saving.serialize_keras_object(layer)
+                    layer_config.pop("build_config", None)
             else:
                 layer_config = pending_config
             swaps.append({"parent": list(parent_index), "refs": refs, "layer": layer_config})
@@ -547,6 +578,11 @@ def _restore_swap(root, parent_index, refs, layer_config) -> None:
             old = _get_ref(parent, refs[0])
         except (AttributeError, IndexError, KeyError):
             return _after_build(parent, attempt, parent_index)
+        if _ADAPT_KEY in layer_config:
+            adapters_lib.adapt_in_place(old, layer_config[_ADAPT_KEY])
+            root._sara_swaps[record][2] = None
+            _refresh_torch_params(root)
+            return
         new = keras.saving.deserialize_keras_object(layer_config)
         _build_like(new, old)
         _replace_child(parent, old, new, refs)
@@ -600,8 +636,9 @@ def make_clone_function(feature_map="relu", **sara_kwargs) -> Callable:
     `SARAMultiHeadAttention` with the same MHA configuration, and a custom
     layer that holds attention as an attribute to a clone whose attention is
     SARA (and stays SARA through save/load). Other layers are cloned as Keras
-    clones them, `layer.__class__.from_config(layer.get_config())`. Pass
-    `recursive=True` to `clone_model` to reach nested Functional sub-models.
+    clones them, `layer.__class__.from_config(layer.get_config())`. A nested
+    Functional or Sequential model that holds attention is cloned recursively
+    with this same function, with or without `recursive=True`.
 
     `clone_model` copies no weights. With a parameter-free feature map
     (`"relu"`, `"elu+1"`) and `blend=1` the clone has the teacher's variables
@@ -635,8 +672,15 @@ def make_clone_function(feature_map="relu", **sara_kwargs) -> Callable:
     _check_sara_kwargs(sara_kwargs)
 
     def clone_function(layer):
+        if adapters_lib.adapter_for(layer) is not None and not isinstance(layer, SARALayer):
+            return adapters_lib.adapt_in_place(layer.__class__.from_config(layer.get_config()),
+                                               _adapter_options(fm, sara_kwargs))
         if isinstance(layer, _MHA) and not isinstance(layer, SARAMultiHeadAttention):
             return _new_sara(layer, fm, sara_kwargs)
+        if _is_graph_model(layer) and _attention_layers(layer):
+            # A nested Functional/Sequential model (a keras.io seq2seq decoder):
+            # `clone_model` without recursive=True would copy it whole, softmax and all.
+            return keras.models.clone_model(layer, clone_function=clone_function, recursive=True)
         swaps = []
         if not _is_graph_model(layer):
             _collect_clone_swaps(layer, [], fm, sara_kwargs, swaps)
@@ -651,18 +695,23 @@ def make_clone_function(feature_map="relu", **sara_kwargs) -> Callable:
     return clone_function
 
 
+def _adapter_options(fm, sara_kwargs) -> dict:
+    """SARA options of an adapted layer (adapters always use the chunked causal schedule)."""
+    return {"feature_map": fm, **{k: v for k, v in sara_kwargs.items() if k != "causal_schedule"}}
+
+
 def _collect_clone_swaps(layer, index, fm, sara_kwargs, swaps) -> None:
     for i, child in enumerate(_children(layer)):
-        if isinstance(child, SARAMultiHeadAttention):
+        if isinstance(child, SARALayer):
             continue
-        if isinstance(child, _MHA):
+        if _is_attention(child):
             refs = _find_refs(layer, child)
             if refs and not _is_graph_node(layer, child):
-                swaps.append({
-                    "parent": list(index),
-                    "refs": refs,
-                    "layer": keras.saving.serialize_keras_object(_new_sara(child, fm, sara_kwargs)),
-                })
+                if adapters_lib.adapter_for(child) is not None:
+                    config = {_ADAPT_KEY: _adapter_options(fm, sara_kwargs)}  # re-classed in place
+                else:
+                    config = keras.saving.serialize_keras_object(_new_sara(child, fm, sara_kwargs))
+                swaps.append({"parent": list(index), "refs": refs, "layer": config})
         elif not _is_graph_model(child):
             _collect_clone_swaps(child, index + [i], fm, sara_kwargs, swaps)
 
@@ -686,21 +735,54 @@ class _Context:
         self.converted: list[ConvertedLayer] = []
         self.skipped: list[SkippedLayer] = []
         self.pairs: list = []  # (teacher mha, student sara)
+        self.skipped_ids: list = []
 
     def skip(self, path, layer, reason):
         self.skipped.append(SkippedLayer(path, type(layer).__name__, reason))
+        self.skipped_ids.append(id(layer))
+
+    def final_skips(self) -> list:
+        """Skips of layers not converted elsewhere (a layer shared by two sub-models is reached twice)."""
+        done = {id(orig) for orig, _ in self.pairs}
+        return [s for s, i in zip(self.skipped, self.skipped_ids) if i not in done]
 
 
-def _attention_layers(layer, path=""):
-    """(path, layer) of every attention layer under `layer` (not descending into one)."""
+def _is_attention(layer) -> bool:
+    """An attention layer `convert` knows: MHA, a class with an adapter, or SARA already."""
+    if isinstance(layer, SARALayer) or adapters_lib.adapter_for(layer) is not None:
+        return True
+    # an MHA subclass that overrides a registered adapter's `call` (Moonshine's) is not plain MHA
+    return isinstance(layer, _MHA) and adapters_lib.overridden_base(type(layer)) is None
+
+
+def _attention_layers(layer, path="", unknown=False):
+    """(path, layer) of every attention layer under `layer` (not descending into one).
+
+    With `unknown=True` also attention-like layers that nothing converts (a
+    class named `...Attention` with no adapter and no attention inside).
+    """
     found = []
     for child in _children(layer):
         child_path = f"{path}/{child.name}" if path else child.name
-        if isinstance(child, _MHA):
+        if _is_attention(child):
             found.append((child_path, child))
-        else:
-            found += _attention_layers(child, child_path)
+            continue
+        inner = _attention_layers(child, child_path, unknown)
+        if not inner and unknown and adapters_lib.looks_like_attention(child):
+            found.append((child_path, child))
+        found += inner
     return found
+
+
+def _no_adapter_reason(layer) -> str:
+    cls = type(layer)
+    base = adapters_lib.overridden_base(cls)
+    why = f" (it overrides the `call` of {base.__name__}, whose adapter would not match it)" if base else ""
+    return (
+        f"no SARA adapter for {cls.__module__}.{cls.__qualname__}{why}: register one with "
+        f"keras_sara.register_attention({cls.__name__}, keras_sara.adapters.AttentionAdapter(...)) "
+        "(see its docstring)"
+    )
 
 
 def _select(attention, layers) -> set:
@@ -734,7 +816,7 @@ def _select(attention, layers) -> set:
 
 def _convert_layer(orig, copy, path, ctx):
     """Return the converted version of `copy` (a new layer, or `copy` changed in place)."""
-    if isinstance(orig, _MHA):
+    if _is_attention(orig):
         return _convert_attention(orig, copy, path, ctx)
     if _is_graph_model(copy):
         return _convert_graph_model(orig, copy, path, ctx)
@@ -746,10 +828,21 @@ def _convert_layer(orig, copy, path, ctx):
 def _convert_attention(orig, copy, path, ctx):
     if id(orig) not in ctx.selected_ids:
         return copy
+    if isinstance(copy, AdaptedAttention) or (
+        not isinstance(orig, SARALayer) and adapters_lib.adapter_for(orig) is not None
+    ):
+        return _adapt(orig, copy, path, ctx)
     if ctx.finalize:
         return _linear_only(orig, copy, path, ctx)
-    sara = _new_sara(copy, ctx.feature_map, ctx.sara_kwargs)
-    _build_like(sara, copy)
+    try:
+        sara = _new_sara(copy, ctx.feature_map, ctx.sara_kwargs)
+        _build_like(sara, copy)
+    except (TypeError, ValueError) as e:  # an MHA subclass built in a way MHA is not (XLNet's)
+        if type(orig) is _MHA:
+            raise
+        ctx.skip(path, orig, f"could not rebuild as SARAMultiHeadAttention ({str(e).splitlines()[0]}); "
+                             "add an adapter with keras_sara.register_attention")
+        return copy
     left = _copy_attention_weights(sara, copy)
     note = ""
     if type(orig) is not _MHA:  # a user subclass: its attention code and extra weights go
@@ -761,6 +854,33 @@ def _convert_attention(orig, copy, path, ctx):
     )
     ctx.pairs.append((orig, sara))
     return sara
+
+
+def _adapt(orig, copy, path, ctx):
+    """Make the copy's attention SARA in place (its own class, variables and call kept)."""
+    if ctx.finalize:
+        blend = float(keras.ops.convert_to_numpy(orig.blend_variable))
+        copy.set_linear_only()
+        _refresh_torch_params(copy)
+        note = f"softmax branch removed (blend was {blend:g})"
+        ctx.converted.append(ConvertedLayer(path, type(orig).__name__, type(copy).__name__,
+                                            _feature_map_label(copy.feature_map), note))
+        ctx.pairs.append((orig, copy))
+        return copy
+    if isinstance(copy, AdaptedAttention):
+        return copy  # shared with a holder visited before: converted once
+    adapter = adapters_lib.adapter_for(orig)
+    options = _adapter_options(ctx.feature_map, ctx.sara_kwargs)
+    before = type(orig).__name__
+    adapters_lib.adapt_in_place(copy, options)
+    _refresh_torch_params(copy)
+    notes = ["adapted in place"] + list(adapter.notes(orig))
+    if ctx.sara_kwargs.get("causal_schedule") not in (None, "chunked"):
+        notes.append("causal_schedule ignored: adapted layers always use the chunked schedule")
+    ctx.converted.append(ConvertedLayer(path, before, type(copy).__name__, _feature_map_label(ctx.feature_map),
+                                        "; ".join(notes)))
+    ctx.pairs.append((orig, copy))
+    return copy
 
 
 def _linear_only(orig, copy, path, ctx):
@@ -784,7 +904,7 @@ def _linear_only(orig, copy, path, ctx):
 
 
 def _has_selected(layer, ctx) -> bool:
-    if isinstance(layer, _MHA):
+    if _is_attention(layer):
         return id(layer) in ctx.selected_ids
     return any(_has_selected(c, ctx) for c in _children(layer))
 
@@ -821,22 +941,22 @@ def _convert_subtree(orig, copy, path, index, root, ctx) -> bool:
     """Swap attention under an init-rebuilt layer; record swaps on `root`. True if any."""
     changed = False
     for i, (o, c, p) in enumerate(_paired_children(orig, copy, path)):
-        if isinstance(o, _MHA) or _is_graph_model(c):
+        if _is_attention(o) or _is_graph_model(c):
             if not _has_selected(o, ctx):
                 continue
             if _is_graph_node(copy, c):
-                for ap, al in ([(p, o)] if isinstance(o, _MHA) else _attention_layers(o, p)):
+                for ap, al in ([(p, o)] if _is_attention(o) else _attention_layers(o, p)):
                     ctx.skip(ap, al, (
                         f"a node of the functional graph that {type(orig).__name__}.__init__ "
                         "builds (convert keras.Model(model.inputs, model.outputs) instead)"))
                 continue
             refs = _find_refs(copy, c)
             if not refs:
-                for ap, al in ([(p, o)] if isinstance(o, _MHA) else _attention_layers(o, p)):
+                for ap, al in ([(p, o)] if _is_attention(o) else _attention_layers(o, p)):
                     ctx.skip(ap, al, f"not held in an attribute of {type(orig).__name__}")
                 continue
             new = _convert_layer(o, c, p, ctx)
-            if new is c:
+            if new is c and not isinstance(new, AdaptedAttention):
                 continue
             _replace_child(copy, c, new, refs)
             _record_swap(root, index, refs)
@@ -844,6 +964,70 @@ def _convert_subtree(orig, copy, path, index, root, ctx) -> bool:
         else:
             changed |= _convert_subtree(o, c, p, index + [i], root, ctx)
     return changed
+
+
+# `from_config` of Layer (Operation) and Model: `cls(**config)`, the config included.
+_DEFAULT_FROM_CONFIGS = (keras.layers.Layer.from_config.__func__, keras.Model.from_config.__func__)
+
+
+def _needs_init_shim(cls) -> bool:
+    """A user class that Keras cannot rebuild from its own config: no **kwargs in `__init__`.
+
+    Keras' automatic `get_config` records the constructor arguments plus
+    `trainable` and `dtype`, which such an `__init__` rejects (the keras.io
+    examples' layers are written this way).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+        return False
+    if getattr(cls.from_config, "__func__", None) not in _DEFAULT_FROM_CONFIGS:
+        return False  # the class rebuilds itself
+    params = inspect.signature(cls.__init__).parameters.values()
+    return not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _shim_from_config(cls, config):
+    """`cls` built from the arguments its `__init__` accepts, then given the rest of `config`."""
+    params = inspect.signature(cls.__init__).parameters
+    obj = cls(**{k: v for k, v in config.items() if k in params and k != "self"})
+    # Before any build: the name is the variables' name scope.
+    if "name" in config and "name" not in params:
+        obj.name = config["name"]
+    if "trainable" in config and "trainable" not in params:
+        obj.trainable = config["trainable"]
+    if config.get("dtype") is not None and "dtype" not in params:
+        dtype = config["dtype"]
+        obj.dtype_policy = keras.dtype_policies.deserialize(dtype) if isinstance(dtype, dict) else dtype
+    return obj
+
+
+class _InitShim:
+    """Stands in for a class in `custom_objects` while `convert` copies a model."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def from_config(self, config):
+        return _shim_from_config(self.cls, config)
+
+
+def _record_shim_names(layer, config, shimmed) -> None:
+    """Write each shimmed layer's name into its config (Keras' automatic config drops it)."""
+    inner = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(inner, dict):
+        return
+    if (getattr(type(layer), "_sara_base", None) or type(layer)) in shimmed:
+        inner.setdefault("name", layer.name)
+    if not _is_graph_model(layer):
+        return  # a custom layer's sublayers come from its __init__, not from its config
+    entries = inner.get("layers") or []
+    if isinstance(layer, Sequential):  # its config lists `_layers`, the InputLayer included
+        pairs = zip(layer._flatten_layers(include_self=False, recursive=False), entries)
+    else:
+        by_name = {op.name: op for op in layer.operations}
+        pairs = [(by_name.get(e.get("name")), e) for e in entries if isinstance(e, dict)]
+    for sub, entry in pairs:
+        if sub is not None:
+            _record_shim_names(sub, entry, shimmed)
 
 
 def _custom_objects(model) -> dict:
@@ -854,28 +1038,41 @@ def _custom_objects(model) -> dict:
         cls = getattr(cls, "_sara_base", None) or cls  # the resolver finds the base by name
         if cls.__module__.split(".")[0] == "keras":
             continue
-        objects.setdefault(cls.__name__, cls)
-        objects.setdefault(keras.saving.get_registered_name(cls), cls)
+        obj = _InitShim(cls) if _needs_init_shim(cls) else cls
+        objects.setdefault(cls.__name__, obj)
+        objects.setdefault(keras.saving.get_registered_name(cls), obj)
     return objects
 
 
-def _copy_model(model):
-    """An independent copy of `model` with the same weights."""
-    config = keras.saving.serialize_keras_object(model)
+def _copy_model(model, shimmed=None):
+    """An independent copy of `model` with the same weights.
+
+    `shimmed`, a list, receives the names of the classes copied through
+    `_shim_from_config` (their `__init__` takes no **kwargs).
+    """
+    objects = _custom_objects(model)
+    shims = {o.cls for o in objects.values() if isinstance(o, _InitShim)}
     try:
+        config = keras.saving.serialize_keras_object(model)
+        _record_shim_names(model, config, shims)
         with warnings.catch_warnings():
             # Keras warns when it marks a custom layer built before its sublayers
             # are (as in every load_model of such a layer); the copy is then
             # called and checked weight by weight below.
             warnings.filterwarnings("ignore", message=r"`build\(\)` was called on layer")
-            copy = keras.saving.deserialize_keras_object(config, custom_objects=_custom_objects(model))
+            copy = keras.saving.deserialize_keras_object(config, custom_objects=objects)
     except Exception as e:  # a user class whose config does not round-trip
         raise ValueError(
             f"Could not copy `model` '{model.name}' ({type(model).__name__}) from its "
             "config, which `convert` needs to leave the original untouched. Every "
-            "custom layer and a subclassed model must implement `get_config()` "
-            f"returning all constructor arguments. Error: {e}"
+            "custom layer and a subclassed model must be rebuildable from "
+            "`get_config()`: accept `**kwargs` in `__init__` and pass them to "
+            "`super().__init__(**kwargs)`, and implement `get_config()` returning "
+            "every constructor argument (`{**super().get_config(), ...}`). "
+            f"Error: {e}"
         ) from e
+    if shimmed is not None:
+        shimmed.extend(sorted({cls.__name__ for cls in shims}))
     teacher_weights = model.get_weights()
     if len(copy.weights) != len(teacher_weights):
         raise ValueError(
@@ -884,7 +1081,22 @@ def _copy_model(model):
             "build config does not record. Call the model once before converting."
         )
     copy.set_weights(teacher_weights)
+    _finalize_states(copy)
     return copy
+
+
+def _finalize_states(model) -> None:
+    """Rebuild the state that preprocessing layers derive from their weights.
+
+    `set_weights` only assigns variables; Keras' loader then calls
+    `finalize_state()` (an adapted `Normalization` turns its mean and variance
+    variables into the constants it normalises with). Layers without weights
+    are left alone, as Keras' own h5 loader does: `Discretization` keeps its
+    state in its config and would recompute it from an empty summary.
+    """
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if layer.built and layer.weights and callable(getattr(layer, "finalize_state", None)):
+            layer.finalize_state()
 
 
 def _count_params(model) -> int:
@@ -895,22 +1107,51 @@ def _make_probe(model, probe):
     if probe is not None:
         return probe
     rng = np.random.default_rng(0)
+    # All-zero token ids would be padding everywhere (BERT's drift read 0.0).
+    model_vocab = min(_embedding_sizes(model, include_self=False), default=_DEFAULT_VOCAB)
 
-    def make(shape, dtype):
+    def make(shape, dtype, tensor=None):
         shape = tuple(2 if i == 0 and d is None else (8 if d is None else d) for i, d in enumerate(shape))
         dtype = str(dtype)
         if "float" in dtype:
             return rng.standard_normal(shape).astype(dtype)
-        if "bool" in dtype:
-            return np.ones(shape, bool)
-        return np.zeros(shape, dtype)
+        if "bool" in dtype or "mask" in str(getattr(tensor, "name", "")):
+            return np.ones(shape, dtype)  # padding_mask and the like: nothing masked
+        vocab = _input_vocabulary(model, tensor) or model_vocab
+        if vocab < 2:
+            return np.zeros(shape, dtype)
+        return rng.integers(1, vocab, size=shape).astype(dtype)  # valid ids, none the usual pad 0
 
     if isinstance(model, Functional):  # its `input` keeps the structure (list, dict)
-        return keras.tree.map_structure(lambda t: make(t.shape, t.dtype), model.input)
+        return keras.tree.map_structure(lambda t: make(t.shape, t.dtype, t), model.input)
     build_config = model.get_build_config() or {}
     if "input_shape" in build_config:
         return make(tuple(build_config["input_shape"]), "float32")
     return None
+
+
+_DEFAULT_VOCAB = 100  # token ids for a model without any Embedding layer
+
+
+def _embedding_sizes(layer, include_self=True) -> list:
+    """`input_dim` of every Embedding under `layer` (keras-hub's ReversibleEmbedding is one)."""
+    return [
+        sub.input_dim
+        for sub in layer._flatten_layers(include_self=include_self, recursive=True)
+        if isinstance(sub, keras.layers.Embedding)
+    ]
+
+
+def _input_vocabulary(model, tensor):
+    """Smallest Embedding size among the layers that read `tensor` directly, or None."""
+    if tensor is None:
+        return None
+    readers = [
+        op for op in model.operations
+        if any(any(x is tensor for x in node.input_tensors) for node in getattr(op, "_inbound_nodes", ()))
+    ]
+    sizes = [size for op in readers if isinstance(op, keras.layers.Layer) for size in _embedding_sizes(op)]
+    return min(sizes, default=None)
 
 
 def _outputs(model, probe):
@@ -956,7 +1197,10 @@ def convert(
             measure how far the outputs moved on a probe batch.
         probe: inputs for that measurement. By default a batch of 2 built
             from the model's input shapes (unknown sizes become 8; float
-            inputs random normal, integer inputs zero).
+            inputs random normal; integer inputs random token ids in
+            `[1, V)`, V the smallest `Embedding` size among the layers that
+            read the input, else in the model, else 100; bool inputs and
+            integer inputs whose name contains "mask" all ones).
         **sara_kwargs: other `SARAMultiHeadAttention` arguments: `eps`,
             `causal_schedule`, `chunk_size`, `blend` (`blend=0.0` gives a
             model that still computes softmax, for a blend schedule).
@@ -998,28 +1242,42 @@ def convert(
     if not isinstance(verify, bool):
         raise ValueError(f"`verify` must be True or False. Received: verify={verify!r}")
 
-    attention = _attention_layers(model)
+    attention = list({id(l): (p, l) for p, l in reversed(_attention_layers(model, unknown=True))}.values())[::-1]
     selected = _select(attention, layers)
     ctx = _Context(fm, sara_kwargs, set())
     for path, layer in attention:
-        if isinstance(layer, SARAMultiHeadAttention):
+        if isinstance(layer, SARALayer):
             ctx.skip(path, layer, "already a SARA layer")
+        elif not _is_attention(layer):
+            ctx.skip(path, layer, _no_adapter_reason(layer))
+            warnings.warn(f"convert: layer '{path}' left as it is: {_no_adapter_reason(layer)}.",
+                          UserWarning, stacklevel=2)
         elif id(layer) not in selected:
             ctx.skip(path, layer, "not selected by `layers`")
         else:
             ctx.selected_ids.add(id(layer))
     report = ConversionReport(model_name=model.name, params_before=_count_params(model))
 
-    copy = _copy_model(model)
+    shimmed = []
+    copy = _copy_model(model, shimmed)
+    if shimmed:
+        report.notes.append(
+            f"{', '.join(shimmed)}: `__init__` takes no **kwargs, so the copy was built "
+            "from the constructor arguments alone (name, trainable and dtype set after). "
+            "The student works in this process, but `keras.models.load_model` cannot "
+            "rebuild it from a `.keras` file; to make it reloadable, accept `**kwargs` "
+            "in `__init__`, pass them to `super().__init__(**kwargs)` and implement "
+            "`get_config()` returning every constructor argument"
+        )
     student = _convert_layer(model, copy, "", ctx)
     _refresh_torch_params(student)
-    report.converted, report.skipped = ctx.converted, ctx.skipped
+    report.converted, report.skipped = ctx.converted, ctx.final_skips()
     report.params_after = _count_params(student)
     if not attention:
-        report.notes.append("the model has no MultiHeadAttention layer: nothing was converted")
+        report.notes.append("the model has no attention layer: nothing was converted")
         warnings.warn(
-            f"convert: model '{model.name}' has no keras.layers.MultiHeadAttention "
-            "layer, so nothing was converted; the returned model is a plain copy.",
+            f"convert: model '{model.name}' has no attention layer (keras.layers.MultiHeadAttention "
+            "or a class with a SARA adapter), so nothing was converted; the returned model is a plain copy.",
             UserWarning,
             stacklevel=2,
         )
@@ -1051,6 +1309,19 @@ def _measure(teacher, student, probe, report) -> None:
     ref = np.concatenate([y.ravel() for y in b])
     report.max_abs_error = float(np.max(np.abs(diff))) if diff.size else 0.0
     report.relative_error = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), np.finfo(np.float64).tiny))
+    # Any SARA layer class sets `_warned_quadratic` when a call took the (T, S) path.
+    report.quadratic_layers = [
+        layer.path or layer.name
+        for layer in student._flatten_layers(include_self=False, recursive=True)
+        if getattr(layer, "_warned_quadratic", False)
+    ]
+    if report.quadratic_layers:
+        report.notes.append(
+            f"{len(report.quadratic_layers)} layer(s) ({', '.join(report.quadratic_layers)}) "
+            "received a dense attention_mask and ran the exact quadratic path; pass "
+            "causality as use_causal_mask=True and padding as key_mask/value_mask (or "
+            "Keras masks) to stay linear"
+        )
 
 
 def finalize(model, verify: bool = True, probe=None):
@@ -1091,7 +1362,7 @@ def finalize(model, verify: bool = True, probe=None):
         raise ValueError(f"`model` must be built. Received: model '{model.name}' with built=False")
     blendable = [
         (p, l) for p, l in _attention_layers(model)
-        if isinstance(l, SARAMultiHeadAttention) and l.blend_variable is not None
+        if isinstance(l, SARALayer) and l.blend_variable is not None
     ]
     if not blendable:
         return model

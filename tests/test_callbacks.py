@@ -311,7 +311,7 @@ def test_bad_models():
         linear_only.fit(x, y, epochs=1, verbose=0, callbacks=[UpTraining(schedule="cosine", blend_steps=3)])
     teacher = _teacher()
     teacher.compile("adam", "sparse_categorical_crossentropy")
-    with pytest.raises(ValueError, match="no SARAMultiHeadAttention layer"):
+    with pytest.raises(ValueError, match="no SARA attention layer"):
         teacher.fit(x, y, epochs=1, verbose=0, callbacks=[UpTraining()])
     with pytest.raises(ValueError, match="Attention layers in this model"):
         _student().fit(x, y, epochs=1, verbose=0, callbacks=[UpTraining(layers=["nope"])])

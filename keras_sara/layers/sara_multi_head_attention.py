@@ -11,9 +11,9 @@ from keras import ops
 from keras.src import backend as _kbackend  # Keras masks have no public accessor
 
 from keras_sara import feature_maps as fm_lib
+from keras_sara.layers.sara_state import DISTILLATION_TARGETS, BlendState, SARALayer
 from keras_sara.ops import kernels as la
 
-DISTILLATION_TARGETS = ("scores", "outputs")
 
 # Threads inside `split_heads_layout`, as thread id -> nesting depth. A plain dict rather than a
 # ContextVar: torch.compile cannot trace `ContextVar.get` (one graph break per attention call),
@@ -62,41 +62,8 @@ def split_heads_layout():
             _SPLIT_HEADS_THREADS[thread] = depth
 
 
-class _BlendState(keras.layers.Layer):
-    """Up-training state of a blendable layer: blend factor and distillation weight.
-
-    Both are non-trainable variables, not Python floats, because `fit`
-    compiles its step once: a callback that ramps the blend or schedules the
-    distillation weight must change values the compiled graph reads. A
-    sublayer (not own variables of the attention layer) so that they come
-    after every MultiHeadAttention and feature-map weight in `get_weights()`.
-    """
-
-    def __init__(self, initial_value=1.0, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.initial_value = float(initial_value)
-
-    def build(self, input_shape=None):
-        self.value = self.add_weight(
-            name="blend",
-            shape=(),
-            initializer=keras.initializers.Constant(self.initial_value),
-            trainable=False,
-        )
-        self.distillation_weight = self.add_weight(
-            name="distillation_weight",
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-        )
-
-    def get_config(self):
-        return {**super().get_config(), "initial_value": self.initial_value}
-
-
 @keras.saving.register_keras_serializable(package="keras_sara")
-class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
+class SARAMultiHeadAttention(SARALayer, keras.layers.MultiHeadAttention):
     """Multi-head attention with SARA linear attention, a drop-in for Keras MHA.
 
     Same constructor, call signature and variables as
@@ -240,7 +207,7 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             )
         self.blend = float(blend)
         self.feature_map = fm_lib.get(feature_map)
-        self._blend_state = _BlendState(self.blend, name="blend_state") if self.blend < 1.0 else None
+        self._blend_state = BlendState(self.blend, name="blend_state") if self.blend < 1.0 else None
         self._warned_quadratic = False
         # Python state set by keras_sara.callbacks.UpTraining; read when a
         # step is traced, so changing it needs a new train function.
@@ -313,62 +280,6 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
         for var, value in zip(ours, theirs):
             var.assign(value)
 
-    # ------------------------------------------------------------------ blend
-
-    @property
-    def blend_variable(self):
-        """The non-trainable blend variable, or None for a linear-only layer."""
-        return None if self._blend_state is None else self._blend_state.value
-
-    def set_blend(self, value):
-        """Set the softmax-to-linear mix (works inside `fit`, e.g. from a callback)."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"`value` must be a float in [0, 1]. Received: value={value!r}")
-        if self._blend_state is None:
-            if value != 1.0:
-                raise ValueError(
-                    "This layer was built linear-only (blend=1.0), so it has no "
-                    "softmax path to blend with. Construct it with blend < 1 "
-                    f"(for example blend=0.0) to schedule a blend. Received: value={value!r}"
-                )
-            return
-        self._blend_state.value.assign(value)
-
-    @property
-    def distillation_weight_variable(self):
-        """The non-trainable distillation-loss weight, or None for a linear-only layer."""
-        return None if self._blend_state is None else self._blend_state.distillation_weight
-
-    def configure_distillation(self, target):
-        """Add an attention-distillation loss in training calls (Hedgehog-style).
-
-        The teacher is this layer's own softmax attention (same projections,
-        no gradient through it); the loss, times the distillation-weight
-        variable, is added with `add_loss` whenever the layer is called with
-        `training=True`. `keras_sara.callbacks.UpTraining` calls this and
-        schedules the weight; a custom training loop may too. Takes effect
-        in steps traced afterwards.
-
-        Args:
-            target: `"scores"`: KL divergence from the softmax attention
-                weights to the linear ones, per query row, averaged (quadratic
-                in tokens, like the softmax it distils); `"outputs"`:
-                `||linear - softmax||^2 / ||softmax||^2` of the attention
-                outputs before the output projection; None: no loss.
-        """
-        if target not in (None,) + DISTILLATION_TARGETS:
-            raise ValueError(
-                f"`target` must be one of {DISTILLATION_TARGETS} or None. Received: target={target!r}"
-            )
-        if target is not None and self._blend_state is None:
-            raise ValueError(
-                f"SARAMultiHeadAttention '{self.name}' was built linear-only (blend=1.0), "
-                "so it has no softmax attention to distil from. Convert with "
-                "`keras_sara.convert(model, blend=0.0)` (or construct with blend < 1) "
-                f"and finalize with `keras_sara.finalize` after up-training. Received: target={target!r}"
-            )
-        self._distillation_target = target
-
     # ------------------------------------------------------------------- call
 
     def call(
@@ -392,6 +303,18 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             _kbackend.set_keras_mask(x, None)
         if key_mask is not None and key is value:
             key_mask = None  # as MHA: the key's mask is the value's
+        if (
+            attention_mask is not None
+            and self._sliding_window is None
+            and len(query.shape) == 3
+            and self._attention_axes == (1,)
+            and len(attention_mask.shape) == 3
+            and attention_mask.shape[1] == 1
+        ):
+            # A (B, 1, S) mask (keras-hub's padding) masks the same keys for
+            # every query: a key mask, which the linear path honours exactly.
+            value_mask = _combine_masks(value_mask, attention_mask[:, 0, :])  # (B, S)
+            attention_mask = None
         rank = len(query.shape)
         default_axes = self._attention_axes == tuple(range(1, rank - 1))
         dense = attention_mask is not None or self._sliding_window is not None
@@ -631,11 +554,6 @@ class SARAMultiHeadAttention(keras.layers.MultiHeadAttention):
             keep = ops.expand_dims(ops.expand_dims(ops.cast(query_mask, "float32"), -1), -1)
             soft, linear = soft * keep, linear * keep
         return ops.sqrt(ops.sum(ops.square(linear - soft)) / (ops.sum(ops.square(soft)) + 1e-30))
-
-    def _mix(self, softmax, linear):
-        """`(1 - blend) * softmax + blend * linear`, in softmax's dtype."""
-        a = ops.cast(self._blend_state.value, softmax.dtype)
-        return (1.0 - a) * softmax + a * ops.cast(linear, softmax.dtype)
 
     def _features(self, q, k):
         q_feat = self.feature_map(q, role="query")

@@ -95,7 +95,8 @@ def _keep(x, mask):
     """Zero keys (B, S, K, F) where `mask` (B, S) is False; None keeps all."""
     if mask is None:
         return x
-    keep = ops.reshape(ops.cast(mask, "bool"), (ops.shape(x)[0], -1, 1, 1))  # (B, S, 1, 1)
+    mask = ops.cast(mask, "bool")
+    keep = ops.reshape(mask, (ops.shape(mask)[0], ops.shape(mask)[1], 1, 1))  # (B or 1, S, 1, 1)
     return ops.where(keep, x, ops.zeros_like(x))
 
 
@@ -238,7 +239,8 @@ def masked_kernel_attention(q, k, v, mask=None, q_rot=None, k_rot=None, eps: flo
         a_den = ops.where(keep, a_den, ops.zeros_like(a_den))
         a_num = ops.where(keep, a_num, ops.zeros_like(a_num))
         # keys no query sees may hold garbage (NaN): 0 * NaN is NaN
-        seen = ops.reshape(ops.any(mask, axis=1), (ops.shape(v)[0], -1, 1, 1))  # (B, S, 1, 1)
+        seen = ops.any(mask, axis=1)  # (B or 1, S)
+        seen = ops.reshape(seen, (ops.shape(seen)[0], ops.shape(seen)[1], 1, 1))
         v = ops.where(seen, v, ops.zeros_like(v))
     num = ops.einsum("bkgts,bskd->btkgd", a_num, v)  # (B, T, K, G, D)
     den = ops.expand_dims(ops.transpose(ops.sum(a_den, axis=-1), (0, 3, 1, 2)), -1)  # (B, T, K, G, 1)
