@@ -17,7 +17,7 @@ TOKENS = (4, 16)
 
 @pytest.mark.slow
 def test_vit_resolution_quick(tmp_path):
-    pytest.importorskip("keras_hub")
+    import keras_hub  # noqa: F401  (make test installs it: missing must fail, not skip)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "vit_resolution.py"), "--quick", "--layers", "1",

@@ -300,10 +300,12 @@ def test_gpt2_uptrains_finalizes_and_reloads(tmp_path):
     student.compile(keras.optimizers.Adam(1e-3), "mse")
     target = np.random.default_rng(8).standard_normal((2, 7, 3)).astype("float32")
     up = keras_sara.callbacks.UpTraining(schedule="linear", blend_steps=2, distillation_weight=0.1,
-                                         distillation_target="outputs")
+                                         distillation_target="outputs", probe=inputs)
     before = to_numpy(student.get_layer("head").kernel).copy()
     history = student.fit(inputs, target, epochs=3, batch_size=2, verbose=0, callbacks=[up])
     assert np.isfinite(history.history["loss"]).all()
+    fidelity = history.history["fidelity"]  # ||linear - softmax|| / ||softmax|| of the adapted layers
+    assert len(fidelity) == 3 and all(np.isfinite(f) and f > 0 for f in fidelity)
     assert not np.array_equal(to_numpy(student.get_layer("head").kernel), before)
     blends = [float(to_numpy(l.blend_variable)) for l in _keras_hub_attention(student)]
     assert blends == [1.0, 1.0]
