@@ -5,9 +5,11 @@ has an adapter. Built in, when keras-hub is installed:
 
 | keras-hub class | models | file |
 |---|---|---|
-| `PaliGemmaVitAttention` | PaliGemma's vision tower | `pali_gemma.py` |
+| `PaliGemmaVitAttention`, `Gemma3VisionAttention` | PaliGemma's and Gemma 3's vision towers | `pali_gemma.py` |
 | `CachedGemmaAttention` | Gemma, Gemma 2, PaliGemma's decoder | `gemma.py` |
-| `LlamaAttention`, `CachedMistralAttention`, `QwenAttention`, `Qwen3Attention`, ... | the Llama family | `llama.py` |
+| `CachedGemma3Attention` | Gemma 3's decoder, EmbeddingGemma | `gemma3.py` |
+| `LlamaAttention`, `CachedMistralAttention`, `QwenAttention`, `Qwen3Attention`, `Qwen3MoeAttention`, `CachedMixtralAttention`, `Phi3Attention`, `QwenMoeAttention` | the Llama family | `llama.py` |
+| `SmolLM3Attention` | SmolLM3 | `smollm3.py` |
 | `CachedMultiHeadAttention` (and `WhisperCachedMultiHeadAttention`) | GPT-2, OPT, BART, Whisper, every `TransformerDecoder` | `cached_mha.py` |
 
 Add your own with `register_attention(cls, AttentionAdapter(mixin, ...))`
@@ -35,8 +37,10 @@ from keras_sara.adapters.base import (
 )
 from keras_sara.adapters.cached_mha import CACHED_MHA_ADAPTER
 from keras_sara.adapters.gemma import GEMMA_ADAPTER
-from keras_sara.adapters.llama import LLAMA_ADAPTER
+from keras_sara.adapters.gemma3 import GEMMA3_ADAPTER
+from keras_sara.adapters.llama import LLAMA_ADAPTER, MIXTRAL_ADAPTER, PHI3_ADAPTER, QWEN_MOE_ADAPTER
 from keras_sara.adapters.pali_gemma import PALI_GEMMA_VIT_ADAPTER
+from keras_sara.adapters.smollm3 import SMOLLM3_ADAPTER
 
 __all__ = [
     "ADAPTED_NAME",
@@ -60,6 +64,13 @@ _KERAS_HUB = (
     ("keras_hub.src.models.mistral.mistral_attention", "CachedMistralAttention", LLAMA_ADAPTER),
     ("keras_hub.src.models.qwen.qwen_attention", "QwenAttention", LLAMA_ADAPTER),
     ("keras_hub.src.models.qwen3.qwen3_attention", "Qwen3Attention", LLAMA_ADAPTER),
+    ("keras_hub.src.models.qwen3_moe.qwen3_moe_attention", "Qwen3MoeAttention", LLAMA_ADAPTER),
+    ("keras_hub.src.models.mixtral.mixtral_attention", "CachedMixtralAttention", MIXTRAL_ADAPTER),
+    ("keras_hub.src.models.phi3.phi3_attention", "Phi3Attention", PHI3_ADAPTER),
+    ("keras_hub.src.models.qwen_moe.qwen_moe_attention", "QwenMoeAttention", QWEN_MOE_ADAPTER),
+    ("keras_hub.src.models.smollm3.smollm3_layers", "SmolLM3Attention", SMOLLM3_ADAPTER),
+    ("keras_hub.src.models.gemma3.gemma3_attention", "CachedGemma3Attention", GEMMA3_ADAPTER),
+    ("keras_hub.src.models.gemma3.gemma3_vision_encoder", "Gemma3VisionAttention", PALI_GEMMA_VIT_ADAPTER),
     ("keras_hub.src.layers.modeling.cached_multi_head_attention", "CachedMultiHeadAttention", CACHED_MHA_ADAPTER),
 )
 

@@ -6,6 +6,7 @@ Functional decoders under `clone_function`, and the report's list of layers
 that ran the quadratic path.
 """
 
+import re
 from unittest import mock
 
 import keras
@@ -250,7 +251,9 @@ def test_keras_io_text_classifier_converts_without_configs():
     weights = [w.copy() for w in teacher.get_weights()]
 
     student, report = convert(teacher)
-    assert report.num_converted == 1 and report.converted[0].path.endswith("/multi_head_attention")
+    assert report.num_converted == 1
+    # Keras numbers auto-named layers per session (multi_head_attention_15 after other tests).
+    assert re.fullmatch(r"transformer_block/multi_head_attention(_\d+)?", report.converted[0].path)
     assert any("TransformerBlock" in n and "super().__init__(**kwargs)" in n for n in report.notes)
     assert "TokenAndPositionEmbedding" in str(report)
     for a, b in zip(weights, teacher.get_weights()):
