@@ -67,6 +67,7 @@ from keras.src.models.functional import Functional  # no public alias
 from keras.src.models.sequential import Sequential
 
 from keras_sara import adapters as adapters_lib
+from keras_sara import decoding
 from keras_sara import feature_maps as fm_lib
 from keras_sara.adapters import AdaptedAttention
 from keras_sara.layers.sara_state import SARALayer
@@ -494,18 +495,17 @@ def _converted_class(base):
             swaps.append({"parent": list(parent_index), "refs": refs, "layer": layer_config})
         return {"base": _class_identity(base), "swaps": swaps}
 
-    cls = type(
-        f"SARA{base.__name__}",
-        (base,),
-        {
-            "__module__": __name__,
-            "__doc__": f"`{base.__name__}` with SARA attention (made by keras_sara.convert).",
-            "_sara_base": base,
-            "get_config": get_config,
-            "from_config": classmethod(from_config),
-            "_sara_conversion_config": sara_conversion_config,
-        },
-    )
+    namespace = {
+        "__module__": __name__,
+        "__doc__": f"`{base.__name__}` with SARA attention (made by keras_sara.convert).",
+        "_sara_base": base,
+        "get_config": get_config,
+        "from_config": classmethod(from_config),
+        "_sara_conversion_config": sara_conversion_config,
+    }
+    if decoding.is_causal_lm(base):  # generate() on a constant-size state
+        namespace["generate_step"] = decoding.generate_step
+    cls = type(f"SARA{base.__name__}", (base,), namespace)
     keras.saving.register_keras_serializable(package="keras_sara", name="SARAConverted")(cls)
     # ... but the registered name resolves to the resolver, for any base class.
     keras.saving.get_custom_objects()[REGISTERED_NAME] = _ConvertedLayerResolver

@@ -405,6 +405,86 @@ class AdaptedAttention(SARALayer):
                 out = structured.masked_kernel_attention(fq, fk, v, mask, q_rot, k_rot, eps)
         return ops.cast(out, self.compute_dtype)
 
+    # ------------------------------------------------- constant-state decoding
+
+    def sara_decoding(self):
+        """The decoding context `keras_sara.decoding` set on this layer, or None.
+
+        While a converted keras-hub `CausalLM` generates (or a decoder step
+        is exported), the `cache` its blocks hand to this layer is not a KV
+        cache but this layer's linear state `(B, K, M, D + 1)`: `Psi` in
+        `[..., :D]` and `Gamma` in `[..., D]`, see `sara_state_attention`.
+        """
+        return vars(self).get("_sara_decoding")
+
+    def sara_state_shape(self) -> tuple:
+        """Per-example shape `(K, M, D + 1)` of this layer's decoding state."""
+        heads, head_dim, value_dim = self._sara_state_dims()
+        return (heads, self.feature_map.feature_dim(head_dim), value_dim + 1)
+
+    def _sara_state_dims(self) -> tuple:
+        """`(key/value heads, key head size, value head size)`."""
+        raise NotImplementedError
+
+    def sara_state_attention(self, q, k, v, state, position, rotate=None):
+        """Causal linear attention that reads and returns a constant-size state.
+
+        Two phases, set by the decoding context: "prefix" runs the whole
+        prompt at once (`position` 0), attending causally (or, for a prefix-LM
+        such as PaliGemma, bidirectionally over each row's first
+        `context.absorbed[b]` tokens) and returning the state of those first
+        `absorbed[b]` tokens; "step" runs one token at `position`, adds it to
+        the state (rows whose token at `position` was already absorbed by the
+        prefix are left as they are) and attends over the state.
+
+        Args:
+            q: query projections `(B, T, N, h)`; k, v: `(B, T, K, h)`.
+            state: `(B, K, M, D + 1)` float32.
+            position: index of the first token of `q` in the sequence.
+            rotate: `(features, start_index) -> rotated`, the layer's RoPE.
+
+        Returns:
+            `(out (B, T, N, D), new state)`.
+        """
+        context = self.sara_decoding()
+        fq, fk = self.sara_features(q, k)
+        fq, fk, v = (ops.cast(x, "float32") for x in (fq, fk, v))
+        q_rot = fq if rotate is None else ops.cast(rotate(fq, position), "float32")
+        k_rot = fk if rotate is None else ops.cast(rotate(fk, position), "float32")
+        absorbed = ops.cast(context.absorbed, "int32")  # (B,)
+        length = ops.shape(q)[1]
+        positions = ops.arange(length, dtype="int32") + ops.cast(position, "int32")  # (T,)
+        if context.phase == "prefix":
+            gate = ops.expand_dims(positions, 0) < ops.expand_dims(absorbed, 1)  # (B, T) absorbed
+            causal = ops.ones_like(gate)
+            bidir = gate if context.bidirectional_prefix else None
+            out = structured.structured_linear_attention(
+                fq, fk, v, bidir, causal, None if rotate is None else q_rot,
+                None if rotate is None else k_rot, self.eps, self.chunk_size)
+            g = ops.cast(ops.reshape(gate, (ops.shape(gate)[0], length, 1, 1)), "float32")
+            psi = ops.einsum("btkm,btkd->bkmd", k_rot * g, v)
+            gamma = ops.sum(fk * g, axis=1)  # (B, K, M)
+        else:
+            if q.shape[1] != 1:
+                raise ValueError(
+                    f"{type(self).__name__} '{self.name}': a decoding step takes one token. "
+                    f"Received: {q.shape[1]} tokens")
+            gate = ops.expand_dims(positions, 0) >= ops.expand_dims(absorbed, 1)  # (B, 1) new token
+            g = ops.cast(ops.reshape(gate, (ops.shape(gate)[0], 1, 1, 1)), "float32")
+            state = ops.cast(state, "float32")
+            psi = state[..., :-1] + ops.einsum("btkm,btkd->bkmd", k_rot * g, v)
+            gamma = state[..., -1] + ops.sum(fk * g, axis=1)
+            heads_kv = k.shape[2]
+            batch = ops.shape(q)[0]
+            qg = ops.reshape(q_rot, (batch, 1, heads_kv, q.shape[2] // heads_kv, fq.shape[-1]))
+            fg = ops.reshape(fq, (batch, 1, heads_kv, q.shape[2] // heads_kv, fq.shape[-1]))
+            num = ops.einsum("btkgm,bkmd->btkgd", qg, psi)
+            den = ops.einsum("btkgm,bkm->btkg", fg, gamma)
+            out = num / (ops.expand_dims(den, -1) + self.eps)
+            out = ops.reshape(out, (batch, 1, q.shape[2], v.shape[-1]))
+        new_state = ops.concatenate([psi, ops.expand_dims(gamma, -1)], axis=-1)
+        return ops.cast(out, self.compute_dtype), new_state
+
     def sara_blend(self, linear_out, teacher_fn, training=None):
         """Mix in the original layer's softmax output while a blend runs.
 

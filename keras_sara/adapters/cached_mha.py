@@ -24,12 +24,20 @@ class SARACachedMultiHeadAttentionMixin(AdaptedAttention):
     def _sara_feature_shape(self):
         return (None, None, self._num_heads, self._key_dim)
 
+    def _sara_state_dims(self):
+        return (self._num_heads, self._key_dim, self._value_dim)
+
     def call(self, query, value, key=None, attention_mask=None, cache=None, cache_update_index=None,
              training=None, return_attention_scores=False):
         self.sara_check_cache(cache)
         if key is None:
             key = value
         q = self._query_dense(query)  # (B, T, H, h)
+        if cache is not None and self.sara_decoding() is not None:  # cache = linear state
+            start = 0 if cache_update_index is None else cache_update_index
+            out, state = self.sara_state_attention(
+                q, self._key_dense(key), self._value_dense(value), cache, start)
+            return self._output_dense(out), state
         if cache is not None:
             if cache_update_index is None:
                 k, v = cache[:, 0, ...], cache[:, 1, ...]

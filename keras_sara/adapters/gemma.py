@@ -22,11 +22,18 @@ class SARAGemmaAttentionMixin(AdaptedAttention):
     def _sara_feature_shape(self):
         return (None, None, self.num_query_heads, self.head_dim)
 
+    def _sara_state_dims(self):
+        return (self.num_key_value_heads, self.head_dim, self.head_dim)
+
     def call(self, x, attention_mask=None, cache=None, cache_update_index=0, training=False):
         self.sara_check_cache(cache)
         query = self.query_dense(x)  # (B, T, N, h)
         key = self.key_dense(x)  # (B, T, K, h)
         value = self.value_dense(x)
+        if cache is not None and self.sara_decoding() is not None:  # cache = linear state
+            out, state = self.sara_state_attention(
+                query, key, value, cache, cache_update_index, rotate=self._apply_rope)
+            return self.output_dense(out), state
         if cache is not None:
             # SARA's cache holds the key projections before RoPE (the feature
             # map comes first); its shape is the original's.

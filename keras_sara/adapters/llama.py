@@ -37,6 +37,13 @@ class SARALlamaAttentionMixin(AdaptedAttention):
         query_dense = self._sara_sublayer(0)
         return tuple(query_dense.compute_output_shape((None, None, query_dense.kernel.shape[0])))
 
+    def _sara_state_dims(self):
+        query_dense, key_dense = self._sara_sublayer(0), self._sara_sublayer(1)
+        key_shape = key_dense.compute_output_shape((None, None, key_dense.kernel.shape[0]))
+        value_dense = self._sara_sublayer(2)
+        value_shape = value_dense.compute_output_shape((None, None, value_dense.kernel.shape[0]))
+        return (key_shape[-2], key_shape[-1], value_shape[-1])
+
     def _norm(self, name, x):
         norm = getattr(self, name, None)
         return x if norm is None else norm(x)
@@ -50,6 +57,11 @@ class SARALlamaAttentionMixin(AdaptedAttention):
             self._sara_sublayer(i) for i in range(5))
         start = cache_update_index if cache_update_index is not None else 0
         query = self._norm("_query_dense_layer_norm", query_dense(hidden_states))  # (B, T, N, h)
+        if cache is not None and self.sara_decoding() is not None:  # cache = linear state
+            key = self._norm("_key_dense_layer_norm", key_dense(hidden_states))
+            out, state = self.sara_state_attention(
+                query, key, value_dense(hidden_states), cache, start, rotate=self._sara_rope)
+            return output_dense(out), state
         if cache is not None and cache_update_index is None:
             key, value = cache[:, 0, ...], cache[:, 1, ...]
         else:
