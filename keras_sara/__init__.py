@@ -13,7 +13,7 @@ converted layers and models that `convert` makes, for `keras.saving`, so
 
 from keras_sara import (
     adapters,
-    callbacks, conversion, distribution, export, feature_maps, folding, layers, models, ops, streaming,
+    callbacks, conversion, decoding, distribution, export, feature_maps, folding, layers, models, ops, streaming,
 )
 from keras_sara.adapters import register_attention
 from keras_sara.conversion import ConversionReport, clone_function, convert, finalize, make_clone_function
@@ -28,6 +28,7 @@ __all__ = [
     "callbacks",
     "clone_function",
     "conversion",
+    "decoding",
     "distribution",
     "convert",
     "export",

@@ -190,6 +190,12 @@ def generate_step(self, inputs, stop_token_ids=None):
         return type(self)._sara_base.generate_step(self, inputs, stop_token_ids=stop_token_ids)
     layers = check_state_decoding(self)
     token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+    limit = max_positions(self)
+    if limit is not None and token_ids.shape[1] is not None and token_ids.shape[1] > limit:
+        raise ValueError(
+            f"`max_length` must be at most {limit}: {type(self).__name__} '{self.name}' has learned "
+            f"position embeddings for {limit} positions. Received: max_length={token_ids.shape[1]}"
+        )
     batch = ops.shape(token_ids)[0]
     row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
     index = ops.min(row_lengths)  # the sampler's first step predicts this position
