@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # tests that must pass on every backend (ops, feature maps, layers)
-MULTIBACKEND_TESTS := tests/ops tests/layers tests/adapters tests/test_feature_maps.py tests/conversion tests/test_callbacks.py tests/test_pct_policy.py tests/test_streaming.py tests/test_utils.py
+MULTIBACKEND_TESTS := tests/ops tests/layers tests/adapters tests/test_feature_maps.py tests/conversion tests/test_callbacks.py tests/test_pct_policy.py tests/test_streaming.py tests/test_streaming_custom_blocks.py tests/test_utils.py
 # pytest-xdist workers for the TensorFlow and JAX suites (their tests are mostly single-threaded
 # graph building and compiling: 2 workers on 2 cores took TensorFlow's 21 minutes to 14)
 TEST_WORKERS ?= 2

@@ -22,10 +22,20 @@ step as a verified, builtins-only LiteRT file.
 
     report = streaming.export_streaming_tflite(decoder, "policy_step.tflite")
 
+A language model written the keras.io way (token ids into a
+`TokenAndPositionEmbedding`, attention inside a custom `TransformerBlock`)
+streams the same way once converted, one token id per step; its step counts
+positions in its state:
+
+    student, _ = keras_sara.convert(mini_gpt)           # ids (B, T) -> logits (B, T, V)
+    step = streaming.make_step_model(student)
+    logits, state = streaming.stream(step, ids)         # == student(ids), causal
+
 What can be streamed (anything else raises a ValueError that names the layer
 and the reason):
 
-- a Functional model with one input `(B, T, E)` and one output `(B, T, E')`;
+- a Functional model with one input, `(B, T, E)` or `(B, T)` token ids, and
+  one output `(B, T, E')`;
 - `SARAMultiHeadAttention` self-attention called with `use_causal_mask=True`
   (query, value and key the same tensor, no other mask, default
   `attention_axes`), linear-only (`blend=1.0`; run `keras_sara.finalize`
@@ -40,14 +50,28 @@ and the reason):
   `Rescaling`, and elementwise `keras.ops` (the `x + y` of a residual).
   Pass your own token-local layer classes as `per_token_layers`, and give
   your own `FeatureMap` subclass `token_local = True` if phi of a token
-  depends on that token alone.
+  depends on that token alone;
+- `Embedding` of token ids, and position embeddings: a layer whose output
+  is `token_embedding(x) + position_embedding(arange(T))` for two of its own
+  `Embedding` sublayers (checked numerically on a probe, as for keras.io's
+  `TokenAndPositionEmbedding`), or any layer that defines
+  `call_at_position(inputs, position)` (its output for one token at a
+  position; also checked on a probe). The step then takes and returns a
+  `position` counter; positions past the position embedding's `input_dim`
+  are refused by `stream` and give NaN from the step itself;
+- custom layers (transformer blocks) holding causal SARA self-attention:
+  their own `call` runs on the token, each SARA layer inside doing one step
+  on its own state. A probe checks that, run token by token, the layer
+  reproduces its output on a whole sequence (so nothing else in it mixes
+  tokens).
 
 The step model shares the weights of the model it came from. It is a
 deployment view, not a model to save: rebuild it with `make_step_model`
 after loading the full model.
 
 The streamed outputs equal the full-sequence causal model's up to float32
-rounding (tests: relative error below 1e-4 over 1,000 steps).
+rounding (tests: relative error below 1e-4 over 1,000 steps; the keras.io
+miniGPT within 1e-5 over 80 tokens).
 """
 
 from __future__ import annotations
@@ -60,7 +84,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from typing import Iterable, Optional, Sequence
 
 import keras
@@ -71,21 +94,31 @@ from keras_sara import export as export_lib
 from keras_sara import feature_maps as fm_lib
 from keras_sara.layers import SARAMultiHeadAttention
 from keras_sara.ops import kernels as la
+from keras_sara.utils import temporary_name, work_directory
 
 #: Feature maps whose features of a token depend on that token alone.
 STREAMABLE_FEATURE_MAPS = (fm_lib.ReLU, fm_lib.EluPlusOne, fm_lib.SARAFeatureMap)
 
 # Name of the step model's token input (its states are `<layer>_psi`, `<layer>_gamma`).
 TOKEN_INPUT_NAME = "x_t"
+# Name of the step model's position counter (models that add position embeddings).
+POSITION_INPUT_NAME = "position"
+# The method a layer may define to say what it computes for one token at a position.
+POSITION_METHOD = "call_at_position"
 # Attribute set on step models, so `initial_state` and the exporter recognise them.
 _STEP_MARKER = "_keras_sara_streaming_states"
+# Attribute set on step models: position limit, position layers, token-id vocabulary.
+_STEP_INFO = "_keras_sara_streaming_info"
+# Tokens in the probe that checks a custom block one token at a time (at most).
+_BLOCK_PROBE_LENGTH = 6
 
-# Token-local Keras layers (on a (B, T, E) input, inference mode). Normalisations,
+# Token-local Keras layers (on a (B, T, E) input, or (B, T) token ids, inference mode). Normalisations,
 # EinsumDense, Softmax and Concatenate are checked further in `_token_local_reason`.
 _PER_TOKEN_LAYERS = (
     keras.layers.InputLayer,
     keras.layers.Dense,
     keras.layers.EinsumDense,
+    keras.layers.Embedding,
     keras.layers.LayerNormalization,
     keras.layers.RMSNormalization,
     keras.layers.Activation,
@@ -310,14 +343,13 @@ def _token_local_reason(op, per_token_layers: tuple) -> Optional[str]:
     return (
         "it is not known to act on each token alone (it may mix tokens, e.g. pooling, "
         "convolution, reshapes, position embeddings); if it does act per token, pass "
-        "its class in `per_token_layers`"
+        "its class in `per_token_layers`; if it depends on the token's position, define "
+        f"`{POSITION_METHOD}(self, inputs, position)` on it (see `make_step_model`)"
     )
 
 
-def _sara_call_arguments(layer, node) -> dict:
-    """The SARA call's bound arguments, after checking it is causal self-attention."""
-    bound = inspect.signature(layer.call).bind(*node.arguments.args, **node.arguments.kwargs)
-    args = bound.arguments
+def _self_attention_problems(args: dict) -> list:
+    """Why a SARA call with bound arguments `args` is not causal self-attention ([] if it is)."""
     query, value, key = args.get("query"), args.get("value"), args.get("key")
     problems = []
     if not args.get("use_causal_mask", False):
@@ -335,13 +367,363 @@ def _sara_call_arguments(layer, node) -> dict:
             problems.append(f"it receives `{name}` (every streamed token is a real token)")
     if args.get("return_attention_scores", False):
         problems.append("it is called with return_attention_scores=True")
+    return problems
+
+
+def _not_self_attention(layer, problems: list, where: str = ""):
+    return _NotStreamable(
+        f"SARAMultiHeadAttention '{layer.name}'{where} cannot be streamed: "
+        + "; ".join(problems)
+        + ". Streaming needs causal self-attention, layer(x, x, use_causal_mask=True)."
+    )
+
+
+def _sara_call_arguments(layer, node) -> dict:
+    """The SARA call's bound arguments, after checking it is causal self-attention."""
+    bound = inspect.signature(layer.call).bind(*node.arguments.args, **node.arguments.kwargs)
+    args = bound.arguments
+    problems = _self_attention_problems(args)
     if problems:
-        raise ValueError(
-            f"SARAMultiHeadAttention '{layer.name}' cannot be streamed: "
-            + "; ".join(problems)
-            + ". Streaming needs causal self-attention, layer(x, x, use_causal_mask=True)."
-        )
+        raise _not_self_attention(layer, problems)
     return args
+
+
+# ------------------------------------- custom blocks and position embeddings
+
+
+class _NotStreamable(ValueError):
+    """A streaming refusal raised from inside a layer's call (not wrapped again)."""
+
+
+def _sublayers(layer, recursive: bool = True) -> list:
+    if not isinstance(layer, keras.layers.Layer):  # a keras.ops operation (`x + y`)
+        return []
+    # Keras has no public listing of a layer's sublayers (only `Model.layers`).
+    return list(layer._flatten_layers(include_self=False, recursive=recursive))
+
+
+def _sara_sublayers(layer) -> list:
+    return [l for l in _sublayers(layer) if isinstance(l, SARAMultiHeadAttention)]
+
+
+def _per_token_rel_err(got, want) -> float:
+    """Largest ||got_t - want_t|| / ||want_t|| over the tokens t of (B, T, ...) arrays."""
+    got = np.asarray(got, np.float64).reshape(got.shape[0], got.shape[1], -1)
+    want = np.asarray(want, np.float64).reshape(want.shape[0], want.shape[1], -1)
+    norm = np.maximum(np.linalg.norm(want, axis=-1), np.finfo(np.float64).tiny)
+    return float(np.max(np.linalg.norm(got - want, axis=-1) / norm))
+
+
+def _probe_tolerance(layer) -> float:
+    # A layer that mixes tokens misses by O(1); float16 rounding alone stays below 3e-2.
+    return 1e-4 if keras.backend.standardize_dtype(layer.compute_dtype) == "float32" else 3e-2
+
+
+def _probe_input(spec, length: int, vocab: Optional[int], rng) -> np.ndarray:
+    """Random (2, length, ...) input like `spec`: token ids below `vocab` or normal floats."""
+    shape = (2, length) + tuple(spec.shape[2:])
+    dtype = keras.backend.standardize_dtype(spec.dtype)
+    if len(spec.shape) == 2 or np.dtype(dtype).kind in "biu":
+        return rng.integers(0, vocab or 2, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+class _BlockSession:
+    """The (psi, gamma) of each SARA layer of a block during one one-token call.
+
+    `states` maps `id(layer)` to its state; None discovers the layers (eager,
+    zero states) and records the order they are called in.
+    """
+
+    def __init__(self, block, states: Optional[dict] = None):
+        self.block = block
+        self.states = states
+        self.new_states = {}
+        self.order = []
+        # The refusal as raised: Keras's traceback filter re-raises it with the
+        # call's arguments appended, which would bury the reason.
+        self.error = None
+
+    def refuse(self, message: str):
+        self.error = _NotStreamable(message)
+        return self.error
+
+
+def _stepping_call(layer, session: _BlockSession):
+    """A replacement for `layer.call` that runs one causal step on the session's state."""
+    signature = inspect.signature(layer.call)
+    where = f" (in layer '{session.block.name}')"
+
+    def call(*args, **kwargs):
+        arguments = signature.bind(*args, **kwargs).arguments
+        problems = _self_attention_problems(arguments)
+        if problems:
+            raise session.refuse(str(_not_self_attention(layer, problems, where)))
+        if id(layer) in session.new_states:
+            raise session.refuse(
+                f"SARAMultiHeadAttention '{layer.name}'{where} is called more than once in "
+                "one call of the layer; each call would need its own state. Use one "
+                "attention layer per call. Received: a second call"
+            )
+        query = arguments["query"]
+        if session.states is None:
+            state = la.initial_state(query.shape[0], *state_shapes(layer)[0])
+        elif id(layer) in session.states:
+            state = session.states[id(layer)]
+        else:
+            raise session.refuse(
+                f"SARAMultiHeadAttention '{layer.name}'{where} was not called when the "
+                "step was built, so it has no state input: the layer's call must run the "
+                "same attention layers for every token. Received: an unexpected call"
+            )
+        out, new_state = sara_attention_step(layer, query, state)
+        session.new_states[id(layer)] = new_state
+        session.order.append(layer)
+        return out
+
+    return call
+
+
+@contextlib.contextmanager
+def _stepping_attention(block, session: _BlockSession):
+    """Within the context, every SARA layer inside `block` runs one step on `session`.
+
+    The instance attribute shadows the class's `call` (Keras's `__call__` looks
+    `self.call` up on each call), so the block's own `call` runs unchanged.
+    """
+    missing = object()
+    saved = []
+    try:
+        for layer in _sara_sublayers(block):
+            saved.append((layer, vars(layer).get("call", missing)))
+            # object.__setattr__: neither Keras nor torch should track a function.
+            object.__setattr__(layer, "call", _stepping_call(layer, session))
+        yield session
+    finally:
+        for layer, old in reversed(saved):
+            if old is missing:
+                vars(layer).pop("call", None)
+            else:
+                object.__setattr__(layer, "call", old)
+
+
+def _block_problem(op) -> Optional[str]:
+    """Why a layer holding SARA attention cannot run as a block step (None if it can)."""
+    softmax = [
+        l.name for l in _sublayers(op)
+        if isinstance(l, keras.layers.MultiHeadAttention) and not isinstance(l, SARAMultiHeadAttention)
+    ]
+    if softmax:
+        return (
+            f"it holds softmax attention {softmax}, which mixes every token with every "
+            "other and has no fixed-size state; convert it with `keras_sara.convert(model)`"
+        )
+    return None
+
+
+def _probe_block(op, spec, call_kwargs: dict, vocab: Optional[int]) -> list:
+    """Check that `op` run one token at a time reproduces its causal output; its SARA layers.
+
+    The block's own `call` runs on each token of a short random probe, its SARA
+    layers stepping their state; the outputs must equal one call on the whole
+    probe. Returns the SARA layers in the order the block calls them.
+    """
+    length = _BLOCK_PROBE_LENGTH if spec.shape[1] is None else min(spec.shape[1], _BLOCK_PROBE_LENGTH)
+    x = _probe_input(spec, length, vocab, np.random.default_rng(0))
+    label = f"Layer '{op.name}' ({type(op).__name__})"
+    session = None
+    try:
+        full = ops.convert_to_numpy(op(x, **call_kwargs))
+        states, order, outs = None, None, []
+        for t in range(length):
+            session = _BlockSession(op, states)
+            with _stepping_attention(op, session):
+                y_t = op(ops.convert_to_tensor(x[:, t : t + 1]), **call_kwargs)
+            called = [id(l) for l in session.order]
+            if order is None:
+                order = list(session.order)
+            elif called != [id(l) for l in order]:
+                raise _NotStreamable(
+                    f"{label} cannot be streamed: it calls its attention layers in a "
+                    "different order from one token to the next. Received: "
+                    f"{[l.name for l in session.order]} after {[l.name for l in order]}"
+                )
+            states = session.new_states
+            outs.append(ops.convert_to_numpy(y_t))
+    except _NotStreamable as err:
+        raise (getattr(session, "error", None) or err) from None
+    except Exception as err:  # a layer that only runs at its full length, say
+        raise ValueError(
+            f"{label} cannot be streamed: calling it on one token, shape "
+            f"{(2, 1) + tuple(spec.shape[2:])}, failed with {type(err).__name__}: {err}"
+        ) from err
+    if not order:
+        raise ValueError(
+            f"{label} holds SARAMultiHeadAttention layers but calls none of them on a "
+            "probe, so it has nothing to stream. Received: layers "
+            f"{[l.name for l in _sara_sublayers(op)]}"
+        )
+    streamed = np.concatenate(outs, axis=1)
+    err = _per_token_rel_err(streamed, full) if streamed.shape == full.shape else float("inf")
+    if not err <= _probe_tolerance(op):  # NaN fails too
+        raise ValueError(
+            f"{label} cannot be streamed: run one token at a time, its attention layers "
+            f"{[l.name for l in order]} stepping their state, it does not reproduce its "
+            f"causal output on a {length}-token probe (largest per-token relative error "
+            f"{err:.2e}). Something in its `call` mixes tokens other than causal SARA "
+            "attention (pooling, convolution, position embeddings, a mask built from the "
+            "length). Move that part out of the layer. Received: "
+            f"output shapes {streamed.shape} (streamed) and {full.shape} (whole probe)"
+        )
+    return order
+
+
+def _token_and_position_embeddings(op, spec) -> tuple:
+    """`((token, position), None)` if `op(x) == token(x) + position(arange(T))`, else `(None, why)`.
+
+    Checked numerically on random token ids, with random weights put in the
+    layer's own Embedding sublayers for the probe (restored afterwards), so
+    that a position embedding which happens to be constant cannot pass.
+    """
+    embeddings = [l for l in _sublayers(op, recursive=False) if isinstance(l, keras.layers.Embedding)]
+    if len(embeddings) < 2:
+        return None, None
+    if len(spec.shape) != 2:
+        return None, f"its input has shape {tuple(spec.shape)}, not (batch, tokens) token ids"
+    vocab = min(e.input_dim for e in embeddings)
+    length = spec.shape[1] or min(_BLOCK_PROBE_LENGTH, max(e.input_dim for e in embeddings))
+    rng = np.random.default_rng(0)
+    ids = _probe_input(spec, length, vocab, rng)
+    positions = np.arange(length, dtype="int32")
+    saved = [ops.convert_to_numpy(e.embeddings) for e in embeddings]
+    best = float("inf")
+    try:
+        for e in embeddings:
+            e.embeddings.assign(rng.standard_normal(e.embeddings.shape).astype(e.embeddings.dtype))
+        try:
+            got = ops.convert_to_numpy(op(ids))
+        except Exception as err:
+            return None, f"calling it on {length} token ids failed with {type(err).__name__}: {err}"
+        rtol = 1e-5 if keras.backend.standardize_dtype(op.compute_dtype) == "float32" else 1e-2
+        for token in embeddings:
+            for position in embeddings:
+                if position is token or position.input_dim < length:
+                    continue
+                want = ops.convert_to_numpy(token(ids) + position(positions)[None])
+                if want.shape != got.shape:
+                    continue
+                diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+                if diff <= rtol * max(1.0, float(np.max(np.abs(want)))):
+                    return (token, position), None
+                best = min(best, diff)
+    finally:
+        for e, value in zip(embeddings, saved):
+            e.embeddings.assign(value)
+    return None, (
+        f"it holds Embedding layers {[e.name for e in embeddings]}, but on a probe its "
+        "output is not token_embedding(x) + position_embedding(arange(tokens)) for any "
+        f"two of them (max abs difference {best:.3e})"
+    )
+
+
+def _check_position_method(op, spec, vocab: Optional[int]) -> None:
+    """Check `op.call_at_position` against `op` on a short random probe."""
+    length = spec.shape[1] or _BLOCK_PROBE_LENGTH
+    x = _probe_input(spec, length, vocab, np.random.default_rng(0))
+    label = f"Layer '{op.name}' ({type(op).__name__})"
+    try:
+        full = ops.convert_to_numpy(op(x))
+        outs = [
+            ops.convert_to_numpy(
+                op.call_at_position(ops.convert_to_tensor(x[:, t : t + 1]),
+                                    ops.full((x.shape[0], 1), t, dtype="int32"))
+            )
+            for t in range(length)
+        ]
+    except Exception as err:
+        raise ValueError(
+            f"{label} cannot be streamed: calling it, or its `{POSITION_METHOD}` on one "
+            f"token, failed with {type(err).__name__}: {err}"
+        ) from err
+    streamed = np.concatenate(outs, axis=1) if outs[0].ndim >= 2 else None
+    if streamed is None or streamed.shape != full.shape:
+        raise ValueError(
+            f"{label} cannot be streamed: `{POSITION_METHOD}(inputs, position)` must return "
+            "the layer's output for that one token, (batch, 1, ...). Received: shape "
+            f"{outs[0].shape} where the layer gives {full.shape[:1] + (1,) + full.shape[2:]}"
+        )
+    err = _per_token_rel_err(streamed, full)
+    if not err <= _probe_tolerance(op):
+        raise ValueError(
+            f"{label} cannot be streamed: its `{POSITION_METHOD}` does not match the layer "
+            f"on a {length}-token probe (largest per-token relative error {err:.2e}). "
+            f"`{POSITION_METHOD}(inputs, position)` must give the layer's output for the "
+            "token `inputs` at index `position` of the sequence (counted from 0)."
+        )
+
+
+class _PositionStep(keras.layers.Layer):
+    """A position-dependent layer for one token at a given position.
+
+    Either `token(x_t) + position(p)` (a recognised token-and-position
+    embedding, with its limit `position.input_dim`) or the layer's own
+    `call_at_position(x_t, p)`.
+    """
+
+    def __init__(self, layer, embeddings: Optional[tuple] = None, **kwargs):
+        kwargs.setdefault("name", f"{layer.name}_step")
+        super().__init__(dtype=layer.dtype_policy, **kwargs)
+        self.layer = layer
+        self._use_embeddings = embeddings is not None
+        if embeddings is not None:
+            self.token_embedding, self.position_embedding = embeddings
+        self._convert_input_args = False
+        self.built = True
+
+    def call(self, x_t, position):
+        if not self._use_embeddings:
+            return self.layer.call_at_position(x_t, position)
+        limit = self.position_embedding.input_dim
+        inside = ops.logical_and(ops.greater_equal(position, 0), ops.less(position, limit))  # (B, 1)
+        # Backends disagree past the table (TensorFlow raises, JAX clamps): clamp the
+        # lookup and make the output NaN, so no backend streams a plausible wrong token.
+        y = self.token_embedding(x_t) + self.position_embedding(ops.clip(position, 0, limit - 1))
+        return ops.where(ops.expand_dims(inside, -1), y, ops.full_like(y, float("nan")))  # (B, 1, E)
+
+
+class _BlockStep(keras.layers.Layer):
+    """A layer holding SARA attention (a custom block) on one token with explicit states.
+
+    Runs the block's own `call`; each of its SARA layers (in `attention_ids`
+    order) takes its `(psi, gamma)` from `states` and returns the new one.
+    """
+
+    def __init__(self, block, attention_ids: Sequence[int], call_kwargs: dict, **kwargs):
+        kwargs.setdefault("name", f"{block.name}_step")
+        super().__init__(dtype=block.dtype_policy, **kwargs)
+        self.block = block
+        self._attention_ids = tuple(attention_ids)
+        self._call_kwargs = dict(call_kwargs)
+        # The states stay float32 under mixed precision; the block casts the token.
+        self._convert_input_args = False
+        self.built = True
+
+    def call(self, x_t, states):
+        pairs = {i: (states[2 * k], states[2 * k + 1]) for k, i in enumerate(self._attention_ids)}
+        session = _BlockSession(self.block, pairs)
+        try:
+            with _stepping_attention(self.block, session):
+                y_t = self.block(x_t, **self._call_kwargs)
+        except _NotStreamable as err:
+            raise (session.error or err) from None
+        if set(session.new_states) != set(self._attention_ids):
+            raise _NotStreamable(
+                f"Layer '{self.block.name}' did not call the same attention layers as when "
+                "the step was built: its call must run the same attention layers for "
+                f"every token. Received: {len(session.new_states)} of "
+                f"{len(self._attention_ids)} called"
+            )
+        return [y_t] + [t for i in self._attention_ids for t in session.new_states[i]]
 
 
 def _graph(model):
@@ -375,52 +757,100 @@ def _check_model(model) -> None:
             "Functional API"
         )
     inputs, outputs = model.inputs, model.outputs
-    if len(inputs) != 1 or len(inputs[0].shape) != 3:
+    if len(inputs) != 1 or len(inputs[0].shape) not in (2, 3):
         raise ValueError(
-            "`model` must have one input of shape (batch, tokens, features). "
-            f"Received: inputs with shapes {[tuple(t.shape) for t in inputs]}"
+            "`model` must have one input of shape (batch, tokens, features) or (batch, "
+            f"tokens) token ids. Received: inputs with shapes {[tuple(t.shape) for t in inputs]}"
         )
     if len(outputs) != 1 or len(outputs[0].shape) != 3:
         raise ValueError(
             "`model` must have one output of shape (batch, tokens, features). "
             f"Received: outputs with shapes {[tuple(t.shape) for t in outputs]}"
         )
-    if inputs[0].shape[2] is None:
+    if len(inputs[0].shape) == 3 and inputs[0].shape[2] is None:
         raise ValueError(
             "`model`'s input must have a known feature size. "
             f"Received: input shape {tuple(inputs[0].shape)}"
         )
 
 
+def _single_tensor_input(op, node, model):
+    """The one tensor a block or position layer is called on, and its other (keyword) arguments."""
+    args = node.arguments
+    if len(args.keras_tensors) != 1 or not args.args or args.args[0] is not args.keras_tensors[0]:
+        raise ValueError(
+            f"Layer '{op.name}' ({type(op).__name__}) must be called on one tensor to be "
+            f"streamed. Received: {len(args.keras_tensors)} tensor arguments in model "
+            f"'{model.name}'"
+        )
+    kwargs = {k: v for k, v in args.kwargs.items() if k != "training"}
+    return args.keras_tensors[0], kwargs
+
+
+def _unique(name: str, used: set) -> str:
+    out, n = name, 1
+    while out in used:
+        n += 1
+        out = f"{name}_{n}"
+    used.add(out)
+    return out
+
+
 def make_step_model(model, per_token_layers: Iterable = (), name: Optional[str] = None):
     """Rebuild a causal SARA model as a one-token step with explicit state.
 
-    Walks the Functional graph of `model` in execution order: every
-    `SARAMultiHeadAttention` (causal self-attention) becomes a `SARAStep` with
-    its own state input and output; every other layer is reused as is on the
-    single token (they must act on each token alone; see the module
-    docstring). The step model shares `model`'s weights: train or load
-    weights into either and both see them.
+    Walks the Functional graph of `model` in execution order:
+
+    - every `SARAMultiHeadAttention` (causal self-attention) becomes a
+      `SARAStep` with its own state input and output;
+    - a layer that holds SARA attention (a custom transformer block) runs its
+      own `call` on the token, each SARA layer inside it doing one step on its
+      own state. It is first checked on a short random probe: run token by
+      token, it must reproduce its output on the whole probe (else a
+      ValueError names it: something in it mixes tokens);
+    - a layer whose output depends on the token's position: either a
+      token-and-position embedding, recognised numerically (its output on a
+      probe equals `token_embedding(x) + position_embedding(arange(T))` for two
+      of its own `Embedding` sublayers; the keras.io
+      `TokenAndPositionEmbedding`), or a layer that defines
+      `call_at_position(inputs, position)`, its output for the one token
+      `inputs` at index `position` (`(B, 1)` int32, from 0), also checked on a
+      probe;
+    - every other layer is reused as is on the single token (it must act on
+      each token alone; see the module docstring).
+
+    The step model shares `model`'s weights: train or load weights into either
+    and both see them.
 
     Signature of the returned model (all float32 unless the model's dtype
     policy says otherwise for `x_t`/`y_t`; states are always float32):
 
-        inputs:  [x_t, psi_1, gamma_1, ..., psi_L, gamma_L]
-        outputs: [y_t, psi_1', gamma_1', ..., psi_L', gamma_L']
+        inputs:  [x_t, psi_1, gamma_1, ..., psi_L, gamma_L(, position)]
+        outputs: [y_t, psi_1', gamma_1', ..., psi_L', gamma_L'(, position + 1)]
 
-    - `x_t`: `(B, 1, E)`, the new token (the model input's feature size E);
+    - `x_t`: the new token, `(B, 1, E)` (the model input's feature size E),
+      or `(B, 1)` token ids for a model with a `(B, T)` token-id input (its
+      dtype);
     - `psi_l`: `(B, H_l, M_l, D_l)` and `gamma_l`: `(B, H_l, M_l)`, the state
       of the l-th SARA layer in execution order (`M_l` = feature size of its
       feature map, `D_l` = value_dim): prefix sums over all tokens fed so
       far. An empty history is all zeros (`initial_state`);
+    - `position`: only for a model with a position-dependent layer: `(B, 1)`
+      int32, the index of `x_t` in its sequence. The step counts it itself
+      (it returns `position + 1`), so it is a state like the others, zero
+      for an empty history. Past a position embedding's `input_dim` the
+      step's output is NaN on every backend (the table has no row there);
+      `stream` refuses such tokens with a ValueError first;
     - `y_t`: `(B, 1, E')`, the model's output for this token, and the new
       states to feed back with the next token.
 
-    Inputs are named `x_t`, `<layer>_psi`, `<layer>_gamma`.
+    Inputs are named `x_t`, `<attention layer>_psi`, `<attention layer>_gamma`
+    and `position`.
 
     Args:
         model: a built Functional/Sequential causal SARA model with one
-            `(B, T, E)` input and one `(B, T, E')` output.
+            `(B, T, E)` or `(B, T)` (token ids) input and one `(B, T, E')`
+            output.
         per_token_layers: extra layer classes to treat as token-local.
         name: name of the step model (default `<model.name>_step`).
 
@@ -430,13 +860,17 @@ def make_step_model(model, per_token_layers: Iterable = (), name: Optional[str] 
     Raises:
         ValueError: a layer that cannot be streamed (non-causal or cross
             SARA attention, softmax attention, a feature map stabilised over
-            the sequence, a layer that mixes tokens), named with the reason.
+            the sequence, a layer that mixes tokens, a position-dependent
+            layer that is neither recognised nor defines `call_at_position`),
+            named with the reason.
 
     Example:
 
-    >>> step = make_step_model(decoder)                         # doctest: +SKIP
+    >>> student, _ = keras_sara.convert(mini_gpt)   # ids (B, T) -> logits  # doctest: +SKIP
+    >>> step = make_step_model(student)                         # doctest: +SKIP
     >>> state = initial_state(step, batch_size=1)              # doctest: +SKIP
-    >>> y_t, *state = step([x[:, :1], *state])                 # doctest: +SKIP
+    >>> logits_t, *state = step([ids[:, :1], *state])          # doctest: +SKIP
+    >>> logits, state = stream(step, ids)   # the whole sequence  # doctest: +SKIP
     """
     _check_model(model)
     per_token_layers = tuple(per_token_layers)
@@ -447,9 +881,11 @@ def make_step_model(model, per_token_layers: Iterable = (), name: Optional[str] 
                 f"Received: {cls!r}"
             )
     nodes = _walk(model)
+    embedding_sizes = [op.input_dim for op in (n.operation for n in nodes)
+                       if isinstance(op, keras.layers.Embedding)]
 
     # First pass: validate every node, so a bad layer fails before any graph is built.
-    sara_nodes = []
+    plans = {}  # id(node) -> ("sara",) | ("block", layers, kwargs) | ("position", pair, kwargs)
     for node in nodes:
         op = node.operation
         if isinstance(op, SARAMultiHeadAttention):
@@ -461,43 +897,97 @@ def make_step_model(model, per_token_layers: Iterable = (), name: Optional[str] 
                 )
             _sara_call_arguments(op, node)
             _check_streamable_attention(op)
-            sara_nodes.append(node)
+            plans[id(node)] = ("sara",)
             continue
-        reason = _token_local_reason(op, per_token_layers)
-        if reason is not None:
+        own_sizes = [l.input_dim for l in _sublayers(op) if isinstance(l, keras.layers.Embedding)]
+        if callable(getattr(op, POSITION_METHOD, None)):
+            spec, kwargs = _single_tensor_input(op, node, model)
+            _check_position_method(op, spec, min(own_sizes or embedding_sizes, default=None))
+            plans[id(node)] = ("position", None, kwargs)
+            continue
+        problem = _block_problem(op)
+        if problem is not None:
             raise ValueError(
-                f"Layer '{op.name}' ({type(op).__name__}) cannot be streamed: {reason}. "
+                f"Layer '{op.name}' ({type(op).__name__}) cannot be streamed: {problem}. "
                 f"Received: model '{model.name}'"
             )
-    if not sara_nodes:
+        if _sara_sublayers(op):
+            spec, kwargs = _single_tensor_input(op, node, model)
+            plans[id(node)] = ("block", _probe_block(op, spec, kwargs, min(own_sizes, default=None)), kwargs)
+            continue
+        reason = _token_local_reason(op, per_token_layers)
+        if reason is None:
+            continue
+        own = [l for l in _sublayers(op, recursive=False) if isinstance(l, keras.layers.Embedding)]
+        pair, why = None, None
+        if len(own) >= 2 and not isinstance(op, keras.Model):
+            spec, kwargs = _single_tensor_input(op, node, model)
+            pair, why = _token_and_position_embeddings(op, spec)
+        if pair is not None:
+            plans[id(node)] = ("position", pair, kwargs)
+            continue
+        if why is not None:
+            reason = (
+                f"{why}, so the position of a streamed token is unknown. To stream it, "
+                f"define `{POSITION_METHOD}(self, inputs, position)` on it, returning its "
+                "output for the one token `inputs` (batch, 1, ...) at index `position` "
+                "((batch, 1) int32, counted from 0)"
+            )
+        raise ValueError(
+            f"Layer '{op.name}' ({type(op).__name__}) cannot be streamed: {reason}. "
+            f"Received: model '{model.name}'"
+        )
+    if not any(plan[0] in ("sara", "block") for plan in plans.values()):
         raise ValueError(
             f"`model` must hold at least one causal SARAMultiHeadAttention to stream. "
             f"Received: model '{model.name}' without one"
         )
 
-    width = model.inputs[0].shape[2]
-    x_t = keras.Input(shape=(1, width), name=TOKEN_INPUT_NAME, dtype=model.inputs[0].dtype)
-    state_inputs = {}
-    for node in sara_nodes:
-        layer = node.operation
-        psi_shape, gamma_shape = state_shapes(layer)
-        state_inputs[id(node)] = (
-            keras.Input(shape=psi_shape, name=f"{layer.name}_psi", dtype="float32"),
-            keras.Input(shape=gamma_shape, name=f"{layer.name}_gamma", dtype="float32"),
-        )
+    model_input = model.inputs[0]
+    x_t = keras.Input(shape=(1,) + tuple(model_input.shape[2:]), name=TOKEN_INPUT_NAME,
+                      dtype=model_input.dtype)
+    used_names = {TOKEN_INPUT_NAME, POSITION_INPUT_NAME}
+    state_inputs, attention_names = {}, []  # id(node) -> [psi_1, gamma_1, ...]
+    for node in nodes:
+        plan = plans.get(id(node))
+        if plan is None or plan[0] == "position":
+            continue
+        attentions = [node.operation] if plan[0] == "sara" else plan[1]
+        state_inputs[id(node)] = []
+        for layer in attentions:
+            psi_shape, gamma_shape = state_shapes(layer)
+            psi_name = _unique(f"{layer.name}_psi", used_names)
+            gamma_name = _unique(f"{layer.name}_gamma", used_names)
+            state_inputs[id(node)] += [
+                keras.Input(shape=psi_shape, name=psi_name, dtype="float32"),
+                keras.Input(shape=gamma_shape, name=gamma_name, dtype="float32"),
+            ]
+            attention_names.append(layer.name)
+    position_plans = [p for p in plans.values() if p[0] == "position"]
+    position = (
+        keras.Input(shape=(1,), name=POSITION_INPUT_NAME, dtype="int32") if position_plans else None
+    )
 
     graph = _graph(model)
     tensors = {id(graph.inputs[0]): x_t}
     new_states = []
     for node in nodes:
         op = node.operation
+        plan = plans.get(id(node), ("token",))
         args, kwargs = node.arguments.fill_in(tensors)
-        if id(node) in state_inputs:
+        if plan[0] == "sara":
             bound = inspect.signature(op.call).bind(*args, **kwargs)
             psi, gamma = state_inputs[id(node)]
             y, psi_new, gamma_new = SARAStep(op)(bound.arguments["query"], psi, gamma)
             outputs = [y]
             new_states += [psi_new, gamma_new]
+        elif plan[0] == "block":
+            block_step = _BlockStep(op, [id(l) for l in plan[1]], plan[2])
+            y, *states = block_step(args[0], state_inputs[id(node)])
+            outputs = [y]
+            new_states += states
+        elif plan[0] == "position":
+            outputs = [_PositionStep(op, plan[1])(args[0], position)]
         else:
             kwargs.pop("training", None)
             outputs = keras.tree.flatten(op(*args, **kwargs))
@@ -507,7 +997,7 @@ def make_step_model(model, per_token_layers: Iterable = (), name: Optional[str] 
             if len(out.shape) >= 2 and out.shape[1] not in (1, None):
                 raise ValueError(
                     f"Layer '{op.name}' ({type(op).__name__}) does not keep one token "
-                    f"per step: on a (batch, 1, features) token it gave shape "
+                    f"per step: on a one-token input it gave shape "
                     f"{tuple(out.shape)}. It mixes tokens or broadcasts against a "
                     f"per-position constant. Received: model '{model.name}'"
                 )
@@ -515,9 +1005,20 @@ def make_step_model(model, per_token_layers: Iterable = (), name: Optional[str] 
             tensors[id(ref)] = out
 
     y_t = tensors[id(graph.outputs[0])]
-    inputs = [x_t] + [t for node in sara_nodes for t in state_inputs[id(node)]]
-    step = keras.Model(inputs, [y_t] + new_states, name=name or f"{model.name}_step")
-    setattr(step, _STEP_MARKER, [node.operation.name for node in sara_nodes])
+    inputs = [x_t] + [t for node in nodes for t in state_inputs.get(id(node), [])]
+    outputs = [y_t] + new_states
+    if position is not None:
+        inputs.append(position)
+        outputs.append(position + 1)
+    step = keras.Model(inputs, outputs, name=name or f"{model.name}_step")
+    limits = [p[1][1].input_dim for p in position_plans if p[1] is not None]
+    token_sizes = embedding_sizes + [p[1][0].input_dim for p in position_plans if p[1] is not None]
+    setattr(step, _STEP_MARKER, attention_names)
+    setattr(step, _STEP_INFO, dict(
+        position_limit=min(limits, default=None),
+        position_layers=[n.operation.name for n in nodes if plans.get(id(n), ("",))[0] == "position"],
+        vocab_size=min(token_sizes, default=None) if len(model_input.shape) == 2 else None,
+    ))
     return step
 
 
@@ -530,7 +1031,8 @@ def initial_state(step_model, batch_size: int = 1) -> list:
     """Zero states (the empty history) for `step_model`, as float32 numpy arrays.
 
     Returns `[psi_1, gamma_1, ..., psi_L, gamma_L]` in the step model's input
-    order, each with `batch_size` rows.
+    order, each with `batch_size` rows, and a zero int32 `position` last for
+    a step that counts positions.
     """
     if not is_step_model(step_model):
         raise ValueError(
@@ -539,7 +1041,49 @@ def initial_state(step_model, batch_size: int = 1) -> list:
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1. Received: batch_size={batch_size!r}")
-    return [np.zeros((int(batch_size),) + tuple(t.shape[1:]), np.float32) for t in step_model.inputs[1:]]
+    return [
+        np.zeros((int(batch_size),) + tuple(t.shape[1:]), keras.backend.standardize_dtype(t.dtype))
+        for t in step_model.inputs[1:]
+    ]
+
+
+def _step_info(step_model) -> dict:
+    return getattr(step_model, _STEP_INFO, None) or dict(
+        position_limit=None, position_layers=[], vocab_size=None
+    )
+
+
+def _check_tokens(step_model, tokens, name: str = "tokens") -> np.ndarray:
+    """`tokens` as an array of the step's token dtype, after checking its shape."""
+    spec = step_model.inputs[0]
+    token_shape = tuple(spec.shape[2:])
+    dtype = keras.backend.standardize_dtype(spec.dtype)
+    arr = np.asarray(tokens)
+    if arr.ndim != 2 + len(token_shape) or tuple(arr.shape[2:]) != token_shape:
+        want = "(batch, tokens) token ids" if not token_shape else (
+            f"(batch, tokens, {', '.join(str(d) for d in token_shape)})"
+        )
+        raise ValueError(f"`{name}` must have shape {want}. Received: {name}.shape={arr.shape}")
+    if arr.dtype.kind not in "biuf" or (np.dtype(dtype).kind in "iu" and arr.dtype.kind == "f"):
+        raise ValueError(
+            f"`{name}` must hold {'integer token ids' if np.dtype(dtype).kind in 'iu' else 'numbers'} "
+            f"(the step's x_t is {dtype}). Received: dtype {arr.dtype}"
+        )
+    return arr.astype(dtype)
+
+
+def _check_positions(step_model, start: int, length: int, name: str = "tokens") -> None:
+    """Refuse tokens that would run past the step's position embedding."""
+    info = _step_info(step_model)
+    limit = info["position_limit"]
+    if limit is not None and start + length > limit:
+        raise ValueError(
+            f"`{name}` runs past the last position the model can embed: layer(s) "
+            f"{info['position_layers']} have a position embedding of input_dim={limit} "
+            f"(positions 0 to {limit - 1}). Feed at most {max(limit - start, 0)} more "
+            f"token(s) from position {start}, or rebuild the model with a longer "
+            f"position embedding. Received: {name}.shape[1]={length} from position {start}"
+        )
 
 
 def stream(step_model, tokens, state: Optional[list] = None):
@@ -550,20 +1094,31 @@ def stream(step_model, tokens, state: Optional[list] = None):
 
     Args:
         step_model: from `make_step_model`.
-        tokens: `(B, T, E)` array.
+        tokens: `(B, T, E)` array, or `(B, T)` integer token ids for a model
+            with a token-id input.
         state: states to start from (default `initial_state`).
 
     Returns:
         `(outputs, state)`: `(B, T, E')` numpy outputs and the final states
         (a list of numpy arrays).
+
+    Raises:
+        ValueError: `tokens` of the wrong shape, or (a step that counts
+            positions) running past its position embedding.
+
+    Example:
+
+    >>> step = make_step_model(student)            # ids (B, T) -> logits (B, T, V)  # doctest: +SKIP
+    >>> logits, state = stream(step, ids[:, :10])  # doctest: +SKIP
+    >>> more, state = stream(step, ids[:, 10:], state)  # resumes at position 10  # doctest: +SKIP
     """
-    tokens = np.asarray(tokens, np.float32)
-    if tokens.ndim != 3:
-        raise ValueError(
-            f"`tokens` must have shape (batch, tokens, features). Received: shape {tokens.shape}"
-        )
+    tokens = _check_tokens(step_model, tokens)
     if state is None:
         state = initial_state(step_model, tokens.shape[0])
+    names = [t.name for t in step_model.inputs]
+    if POSITION_INPUT_NAME in names:
+        positions = np.asarray(state[names.index(POSITION_INPUT_NAME) - 1])
+        _check_positions(step_model, int(positions.max(initial=0)), tokens.shape[1])
     outputs = []
     for t in range(tokens.shape[1]):
         y_t, *state = step_model.predict_on_batch([tokens[:, t : t + 1], *state])
@@ -614,9 +1169,10 @@ def export_streaming_tflite(
 
     The file's `serve` signature (names as in `PolicyRunner.input_names`):
 
-        input_0:                 x_t      (B, 1, E)        float32
+        input_0:                 x_t      (B, 1, E)        float32 (or (B, 1) token ids)
         input_1, input_2:        psi_1    (B, H, M, D), gamma_1 (B, H, M)   float32
         ... two inputs per SARA layer, in the model's execution order
+        last input:              position (B, 1)           int32 (models with positions only)
         output_0:                y_t      (B, 1, E')       float32
         output_1, output_2, ...: the new states, in the input order
 
@@ -636,11 +1192,15 @@ def export_streaming_tflite(
             refused: it would quantise the state and the normaliser, whose
             range grows with the history, and LiteRT's integer DIV fails
             outright when a normaliser rounds to zero (measured on this stack).
-        probe_tokens: token sequences `(N, T, E)` with `N >= batch_size`
-            and `T > max(probe_steps)`, streamed to make the verification
-            probes (use realistic, held-out inputs). Default: random normal.
+        probe_tokens: token sequences `(N, T, E)` (or `(N, T)` token ids)
+            with `N >= batch_size` and `T > max(probe_steps)`, streamed to
+            make the verification probes (use realistic, held-out inputs).
+            Default: random normal (random ids below the token embedding's
+            `input_dim` for a token-id model).
         batch_size: the exported batch size.
-        probe_steps: history lengths at which probes are taken.
+        probe_steps: history lengths at which probes are taken. The default
+            is cut to the positions a position embedding has (its last one
+            included); given steps past it are refused.
         per_token_layers: as in `make_step_model`.
         **export_kwargs: passed on to `export_tflite` (`tolerance`,
             `num_threads`, `benchmark_runs`, `verify`, `builtins_only`).
@@ -690,25 +1250,46 @@ def export_streaming_tflite(
         )
     path = export_lib._check_path(path)
     step = model if is_step_model(model) else make_step_model(model, per_token_layers)
-    width = step.inputs[0].shape[2]
+    token_shape = tuple(step.inputs[0].shape[2:])  # () for token ids
+    info = _step_info(step)
     batch_size = int(batch_size)
     shapes = [(batch_size,) + tuple(t.shape[1:]) for t in step.inputs]
 
     steps = sorted({int(s) for s in probe_steps})
+    limit = info["position_limit"]
+    if limit is not None and steps[-1] >= limit:
+        if tuple(probe_steps) != DEFAULT_PROBE_STEPS:
+            raise ValueError(
+                f"`probe_steps` must be below the model's position limit: layer(s) "
+                f"{info['position_layers']} embed positions 0 to {limit - 1} "
+                f"(input_dim={limit}). Received: probe_steps={probe_steps!r}"
+            )
+        steps = sorted({s for s in steps if s < limit} | {limit - 1})
     if probe_tokens is None:
         rng = np.random.default_rng(0)
-        probe_tokens = rng.standard_normal((batch_size, steps[-1] + 1, width)).astype(np.float32)
+        if token_shape:
+            probe_tokens = rng.standard_normal((batch_size, steps[-1] + 1) + token_shape)
+        elif info["vocab_size"] is not None:
+            probe_tokens = rng.integers(0, info["vocab_size"], (batch_size, steps[-1] + 1))
+        else:
+            raise ValueError(
+                "`probe_tokens` must be given for this model: it takes token ids, and no "
+                "Embedding tells the vocabulary size to draw probe ids from. Pass held-out "
+                "sequences of token ids, shape (N, T). Received: probe_tokens=None"
+            )
     arr = np.asarray(probe_tokens)
+    dims = ", ".join(str(d) for d in token_shape)
     if (
-        arr.dtype.kind not in "biuf" or arr.ndim != 3 or arr.shape[2] != width
-        or arr.shape[0] < batch_size or arr.shape[1] <= steps[-1]
+        arr.dtype.kind not in "biuf" or arr.ndim != 2 + len(token_shape)
+        or tuple(arr.shape[2:]) != token_shape or arr.shape[0] < batch_size
+        or arr.shape[1] <= steps[-1]
     ):
         raise ValueError(
-            f"`probe_tokens` must be token sequences of shape (N, T, {width}) with "
-            f"N >= batch_size ({batch_size}) and T > max(probe_steps) ({steps[-1]}). "
+            f"`probe_tokens` must be token sequences of shape (N, T{', ' + dims if dims else ''}) "
+            f"with N >= batch_size ({batch_size}) and T > max(probe_steps) ({steps[-1]}). "
             f"Received: probe_tokens of shape {arr.shape}, dtype {arr.dtype}"
         )
-    arr = arr.astype(np.float32)
+    arr = _check_tokens(step, arr, "probe_tokens")
     probes = []
     for start in range(0, arr.shape[0] - batch_size + 1, batch_size):
         probes += _collect_step_batches(step, arr[start : start + batch_size], set(steps))
@@ -754,9 +1335,8 @@ def _export_in_subprocess(model, step, path, quantize, shapes, probes, per_token
     classes = [_class_path(c) for c in per_token_layers]
     verify = export_kwargs.get("verify", True)
     references = [[np.asarray(y) for y in step.predict_on_batch(b)] for b in probes] if verify else []
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.streaming.tmp")
-    with tempfile.TemporaryDirectory(prefix="keras_sara_streaming_") as work:
+    tmp = temporary_name(path)  # a kill before the move leaves it to the next write's cleanup
+    with work_directory("keras_sara_streaming_") as work:
         model.save(os.path.join(work, "model.keras"))
         store = {}
         export_lib._save_batches(store, "probe", probes)
