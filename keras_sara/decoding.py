@@ -42,9 +42,7 @@ import numpy as np
 from keras import ops
 
 from keras_sara.adapters.base import AdaptedAttention, looks_like_attention
-
-# Token-local feature maps (phi of a token depends on that token alone), as in streaming.
-_TOKEN_LOCAL = ("ReLU", "EluPlusOne", "SARAFeatureMap")
+from keras_sara.streaming import STREAMABLE_FEATURE_MAPS
 
 
 class DecodingContext:
@@ -110,11 +108,12 @@ def check_state_decoding(causal_lm) -> list:
             f"Received: blend={[l.blend for l in layers if l.blend_variable is not None]}"
         )
     for l in layers:
-        if type(l.feature_map).__name__ not in _TOKEN_LOCAL and not getattr(l.feature_map, "token_local", False):
+        fm = l.feature_map
+        if not getattr(fm, "token_local", isinstance(fm, STREAMABLE_FEATURE_MAPS)):
             raise ValueError(
                 f"Attention '{l.name}' uses the feature map {type(l.feature_map).__name__}, whose key "
                 "features depend on the whole sequence, so a one-token step cannot reproduce them. "
-                f"Convert with a token-local map ({', '.join(_TOKEN_LOCAL)}). "
+                f"Convert with a token-local map ({', '.join(c.__name__ for c in STREAMABLE_FEATURE_MAPS)}). "
                 f"Received: feature_map={type(l.feature_map).__name__}"
             )
     shapes = {l.sara_state_shape() for l in layers}
@@ -165,15 +164,12 @@ def _is_pali_gemma(causal_lm) -> bool:
 
 def _stop_padding_mask(token_ids, padding_mask, stop_token_ids):
     """The output mask keras-hub's generate expects: False after the first new stop token of a row."""
+    from keras_hub.src.utils.tensor_utils import any_equal  # only keras-hub models get here
+
     if stop_token_ids is None:
         return ops.ones_like(token_ids, dtype="bool")
-    new = ops.logical_not(padding_mask)
-    stops = ops.zeros_like(new)
-    for stop in stop_token_ids:
-        stops = ops.logical_or(stops, ops.logical_and(ops.equal(token_ids, stop), new))
-    stops = ops.cast(stops, "int32")
-    after = ops.cumsum(stops, axis=-1) - stops  # stop tokens strictly before this position
-    return ops.equal(after, 0)
+    stops = ops.cast(any_equal(token_ids, stop_token_ids, ops.logical_not(padding_mask)), "int32")
+    return ops.equal(ops.cumsum(stops, axis=-1) - stops, 0)  # no stop token strictly before
 
 
 def generate_step(self, inputs, stop_token_ids=None):

@@ -5,34 +5,20 @@ ops only, and what the runner says about a state of the wrong shape.
 """
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
 
 import keras_sara
 from keras_sara import decoding
+from tests import tiny_causal_lms as tiny
+from tests.tiny_causal_lms import V, gemma, llama
 from tflite.runner import PolicyRunner
 
-V = 64
 TOKENS = 1000
 
 
 def gpt2():
-    bb = keras_hub.models.GPT2Backbone(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=16,
-                                       intermediate_dim=32, max_sequence_length=TOKENS)
-    return keras_hub.models.GPT2CausalLM(backbone=bb, preprocessor=None)
-
-
-def gemma():
-    bb = keras_hub.models.GemmaBackbone(vocabulary_size=V, num_layers=2, num_query_heads=4, num_key_value_heads=2,
-                                        hidden_dim=16, intermediate_dim=32, head_dim=8)
-    return keras_hub.models.GemmaCausalLM(backbone=bb, preprocessor=None)
-
-
-def llama():
-    bb = keras_hub.models.LlamaBackbone(vocabulary_size=V, num_layers=2, num_query_heads=4, num_key_value_heads=2,
-                                        hidden_dim=16, intermediate_dim=32)
-    return keras_hub.models.LlamaCausalLM(backbone=bb, preprocessor=None)
+    return tiny.gpt2(max_sequence_length=TOKENS)
 
 
 @pytest.mark.parametrize("make", [gpt2, gemma, llama], ids=["gpt2", "gemma", "llama"])
