@@ -13,7 +13,7 @@ TEST_WORKERS ?= 2
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv data test test-tensorflow test-jax test-torch test-distributed demo bench clean
+.PHONY: venv data test test-tensorflow test-jax test-torch test-distributed test-properties demo bench clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,10 @@ test-distributed: $(STAMP)
 	# 8 host devices for DataParallel and a (2, 4) ModelParallel mesh on one CPU
 	KERAS_BACKEND=jax XLA_FLAGS="--xla_force_host_platform_device_count=8" \
 		$(PY) -m pytest -q tests/test_distribution.py
+
+# the property tests (tests/ops/test_properties.py) with many more examples than make test draws
+test-properties: $(STAMP)
+	SARA_PROPERTY_EXAMPLES=300 KERAS_BACKEND=tensorflow $(PY) -m pytest -q -n $(TEST_WORKERS) tests/ops/test_properties.py
 
 demo: $(STAMP) data
 	KERAS_BACKEND=tensorflow $(PY) examples/quickstart.py

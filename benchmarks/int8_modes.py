@@ -54,7 +54,6 @@ import datetime
 import os
 import shlex
 import sys
-import tempfile
 
 os.environ["KERAS_BACKEND"] = "tensorflow"  # export runs on TensorFlow
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -69,7 +68,7 @@ import keras  # noqa: E402
 from benchmarks import scaling  # noqa: E402
 from benchmarks.pct_latency import write_text  # noqa: E402
 from keras_sara.export import DEFAULT_INT8_FLOAT_OPS, export_tflite  # noqa: E402
-from keras_sara.utils import atomic_write  # noqa: E402
+from keras_sara.utils import atomic_write, work_directory  # noqa: E402
 from tflite.benchmark import check_args, machine_info, time_in_turn, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
 
@@ -136,7 +135,7 @@ def run(cfg: dict) -> list:
     probes = rng.standard_normal((cfg["probes"], tokens, scaling.WIDTH)).astype(np.float32)
     x = np.random.default_rng(1).standard_normal((1, tokens, scaling.WIDTH)).astype(np.float32)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="keras_sara_int8_modes_") as work:
+    with work_directory("keras_sara_int8_modes_") as work:
         exported = {}
         groups = [{n: VARIANTS[n] for n in cfg["variants"]}]
         if cfg["full_int8"]:

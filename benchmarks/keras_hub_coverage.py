@@ -60,7 +60,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -76,7 +75,7 @@ import keras  # noqa: E402
 import keras_hub  # noqa: E402
 
 import keras_sara  # noqa: E402  (registers SARA layers for load_model)
-from keras_sara.utils import atomic_write  # noqa: E402
+from keras_sara.utils import atomic_write, work_directory  # noqa: E402
 
 # ----------------------------------------------------------------- constants
 
@@ -910,7 +909,7 @@ def run(names, out_dir: str, backend_note: str = "", command: str = "") -> tuple
     """Measure `names`, write `coverage.{csv,json,md}` under `out_dir`; `(rows, summary)`."""
     started = datetime.datetime.now(datetime.timezone.utc)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="keras_sara_hub_coverage_") as work:
+    with work_directory("keras_sara_hub_coverage_") as work:
         for i, name in enumerate(names, 1):
             row = measure(name, work)
             rows.append(row)

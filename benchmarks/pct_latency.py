@@ -59,7 +59,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 # Export and the Keras timings both run on TensorFlow.
@@ -76,7 +75,7 @@ import keras  # noqa: E402
 
 from benchmarks.scaling import AVAILABLE_RAM_SHARE, SOFTMAX_LIVE_MATRICES, available_ram_bytes, ratio  # noqa: E402
 from keras_sara.export import export_tflite  # noqa: E402
-from keras_sara.utils import atomic_write  # noqa: E402
+from keras_sara.utils import atomic_write, work_directory  # noqa: E402
 from policy import POLICY_CONFIG, build_policy  # noqa: E402
 from tflite.benchmark import _error_text, machine_info, time_in_turn, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
@@ -676,7 +675,7 @@ def main(argv=None):
     log(f"PCT latency: points {cfg['points']}, {cfg['threads']} threads, cpus={os.cpu_count()}, "
         f"load {load['start'][0]:.2f}")
     rows, ops_by_points, given_up = [], {}, {}
-    with tempfile.TemporaryDirectory(prefix="keras_sara_pct_latency_") as work:
+    with work_directory("keras_sara_pct_latency_") as work:
         for i, n in enumerate(cfg["points"], 1):
             log(f"[{i}/{len(cfg['points'])}] N={n} (load {os.getloadavg()[0]:.2f})")
             point_rows, ops_by_points[n] = measure_point_isolated(n, cfg, argv, work, given_up)

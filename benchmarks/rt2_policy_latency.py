@@ -43,7 +43,6 @@ import datetime
 import os
 import shlex
 import sys
-import tempfile
 import time
 
 os.environ["KERAS_BACKEND"] = "tensorflow"  # export runs on TensorFlow
@@ -60,7 +59,7 @@ import keras  # noqa: E402
 import keras_sara  # noqa: E402
 from keras_sara.export import export_tflite  # noqa: E402
 from benchmarks.pct_latency import write_text  # noqa: E402
-from keras_sara.utils import atomic_write  # noqa: E402
+from keras_sara.utils import atomic_write, work_directory  # noqa: E402
 from tflite.benchmark import machine_info, time_in_turn, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
 
@@ -241,7 +240,7 @@ def main(argv=None):
                                       *(sys.argv[1:] if argv is None else argv)])}
     image_policy.policy_layers()
     rows = []
-    with tempfile.TemporaryDirectory() as work:
+    with work_directory("keras_sara_rt2_latency_") as work:
         for i, size in enumerate(cfg["sizes"], 1):
             log(f"[{i}/{len(cfg['sizes'])}] {size} px")
             rows += measure_size(size, cfg, work)

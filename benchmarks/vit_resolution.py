@@ -63,7 +63,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 
 # Export and the Keras timings both run on TensorFlow.
@@ -85,7 +84,7 @@ from benchmarks.scaling import (  # noqa: E402
     current_rss_bytes, peak_rss_bytes, ratio,
 )
 from keras_sara.export import export_tflite  # noqa: E402
-from keras_sara.utils import atomic_write  # noqa: E402
+from keras_sara.utils import atomic_write, work_directory  # noqa: E402
 from tflite.benchmark import _error_text, machine_info, write_json  # noqa: E402
 from tflite.runner import PolicyRunner  # noqa: E402
 
@@ -637,7 +636,7 @@ def main(argv=None):
     log(f"ViT resolution: sizes {cfg['sizes']} px = tokens {cfg['tokens']}, {cfg['threads']} threads, "
         f"cpus={os.cpu_count()}, load {load['start'][0]:.2f}")
     rows, ops_by_size = [], {}
-    with tempfile.TemporaryDirectory(prefix="keras_sara_vit_resolution_") as work:
+    with work_directory("keras_sara_vit_resolution_") as work:
         for i, size in enumerate(cfg["sizes"], 1):
             log(f"[{i}/{len(cfg['sizes'])}] {size} px, {num_tokens(size)} tokens (load {os.getloadavg()[0]:.2f})")
             size_rows, ops = measure_size(size, cfg, work)

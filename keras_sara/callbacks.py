@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
 
-from keras_sara.conversion import _attention_layers, _select
+from keras_sara.conversion import _attention_layers, _select, check_probe
 from keras_sara.layers.sara_state import DISTILLATION_TARGETS, SARALayer
 
 SCHEDULES = ("hard", "constant", "linear", "cosine")
@@ -75,6 +76,19 @@ class UpTraining(keras.callbacks.Callback):
     resumed with `keras.callbacks.BackupAndRestore` continues the schedule
     exactly where it stopped. Blend and distillation weight live in
     non-trainable variables of the layers (saved with the model).
+
+    **Resume, exactly stated.** With the default per-epoch backups
+    (`BackupAndRestore(dir)`) a killed run resumes bit-identical to one that
+    was never interrupted (tested with a SIGKILL). With step-level backups
+    (`save_freq=<steps>`) weights, optimizer and schedule resume at the saved
+    step, but Keras restarts the interrupted epoch's data at its first
+    batch: the batches of that epoch seen before the backup are trained on
+    twice and the run takes that many extra steps (12 batches per epoch,
+    killed after step 30 with `save_freq=4`: 52 steps instead of 48), so the
+    result differs from an uninterrupted run. This callback warns when it
+    sees such a mid-epoch resume. For exact resume keep per-epoch backups and
+    make epochs as short as the work you can afford to lose
+    (`steps_per_epoch`).
 
     Blending and distillation need the softmax branch: convert with
     `keras_sara.convert(model, blend=0.0)`, and call `keras_sara.finalize`
@@ -164,6 +178,7 @@ class UpTraining(keras.callbacks.Callback):
         self._step = None
         self._assigned: dict = {}
         self._wrapped_optimizer = None
+        self._epoch = 0
 
     # ------------------------------------------------------------ schedules
 
@@ -200,6 +215,11 @@ class UpTraining(keras.callbacks.Callback):
         return self.schedule != "hard" or self.distillation_weight > 0
 
     def on_train_begin(self, logs=None):
+        if self.probe is not None:  # before any change to the model or the optimizer
+            try:
+                check_probe(self.model, self.probe)
+            except ValueError as err:
+                raise ValueError(f"UpTraining: {err}") from None
         self._targets = self._find_targets()
         if self._needs_softmax():
             linear_only = [p for p, l in self._targets if l.blend_variable is None]
@@ -288,9 +308,32 @@ class UpTraining(keras.callbacks.Callback):
         variable.assign(value)
         self._assigned[id(variable)] = value
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def _warn_if_resumed_mid_epoch(self, batch):
+        """A restored step counter that is not at the start of this epoch: a step-level backup."""
+        steps = (self.params or {}).get("steps")
+        per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if not steps or self._epoch == 0 or batch != 0:
+            return
+        boundary = self._epoch * -(-steps // per_execution) * per_execution
+        if self._step > boundary:
+            warnings.warn(
+                f"UpTraining: resumed at optimizer step {self._step}, inside epoch {self._epoch} "
+                f"(which starts at step {boundary} with {steps} steps per epoch), as a "
+                "`BackupAndRestore(save_freq=<steps>)` backup does. The schedule continues "
+                "exactly from that step, but Keras replays this epoch's data from its first "
+                f"batch: {self._step - boundary} batch(es) are trained on twice and the result "
+                "differs from an uninterrupted run. Per-epoch backups resume exactly.",
+                UserWarning,
+                stacklevel=2,
+            )
+
     def on_train_batch_begin(self, batch, logs=None):
         if self._step is None:
             self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            self._warn_if_resumed_mid_epoch(batch)
         blend = self.blend_at(self._step)
         weight = self.distillation_weight_at(self._step) / max(len(self._targets), 1)
         for _, layer in self._targets:

@@ -79,7 +79,9 @@ __all__ = [
     "ConvertedLayer",
     "SkippedLayer",
     "clone_function",
+    "check_probe",
     "convert",
+    "finalize",
     "make_clone_function",
     "REGISTERED_NAME",
 ]
@@ -1154,6 +1156,73 @@ def _input_vocabulary(model, tensor):
     return min(sizes, default=None)
 
 
+def check_probe(model, probe, name: str = "probe") -> None:
+    """Refuse a probe batch that does not fit `model`'s inputs, naming `name` and both shapes.
+
+    For Functional and Sequential models the number of inputs and every
+    known axis but the batch are compared with `model.inputs`; subclassed
+    models, whose inputs are not declared, are called and any error is
+    re-raised naming `name`. Values must be finite. Used by `convert`,
+    `finalize` and `keras_sara.callbacks.UpTraining` before any work.
+
+    Raises:
+        ValueError: `probe` has the wrong structure, shape or non-finite values.
+    """
+    got = keras.tree.flatten(probe)
+    got_shapes = [tuple(np.shape(x)) for x in got]
+    inputs = None
+    if isinstance(model, (Functional, Sequential)):
+        try:
+            structure = model.input
+        except (AttributeError, ValueError):  # a Sequential built without an Input
+            structure = None
+        if isinstance(structure, dict) and isinstance(probe, dict):
+            missing = [k for k in structure if k not in probe]
+            if missing:
+                raise ValueError(
+                    f"`{name}` must have a value for every model input {list(structure)}. "
+                    f"Received: {name} with keys {list(probe)} (missing {missing})"
+                )
+            got = [probe[k] for k in structure]  # extra keys: as the model, ignored
+            got_shapes = [tuple(np.shape(x)) for x in got]
+            inputs = [structure[k] for k in structure]
+        elif structure is not None:
+            inputs = keras.tree.flatten(structure)
+    if inputs:
+        want = [tuple(t.shape) for t in inputs]
+        want_text = ", ".join(str(w) for w in want)
+        ok = len(got_shapes) == len(want) and all(
+            len(g) == len(w) and all(wd is None or gd == wd for gd, wd in list(zip(g, w))[1:])
+            for g, w in zip(got_shapes, want)
+        )
+        if not ok:
+            raise ValueError(
+                f"`{name}` must match the model's input(s) {want_text} (None: any size; the batch "
+                f"axis may differ): {len(want)} array(s). Received: {name} with shape(s) "
+                f"{', '.join(str(g) for g in got_shapes) or 'none'}"
+            )
+    for i, x in enumerate(got):
+        try:
+            arr = np.asarray(keras.ops.convert_to_numpy(x))
+        except Exception:  # not array-like: the model call below names it
+            continue
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            where = f" (input {i})" if len(got) > 1 else ""
+            raise ValueError(
+                f"`{name}` must hold finite values{where}: it has {int(np.sum(~np.isfinite(arr)))} "
+                f"NaN or infinite value(s) of {arr.size}. Received: {name} of shape {arr.shape}"
+            )
+    if not inputs:
+        try:
+            model(probe, training=False)
+        except Exception as err:
+            raise ValueError(
+                f"`{name}` must be a batch that model '{model.name}' accepts. Received: {name} "
+                f"with shape(s) {', '.join(str(g) for g in got_shapes)}; calling the model "
+                f"failed with {type(err).__name__}: {err}"
+            ) from err
+
+
 def _outputs(model, probe):
     out = model(probe, training=False)
     return [np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in keras.tree.flatten(out)]
@@ -1241,6 +1310,8 @@ def convert(
     _check_sara_kwargs(sara_kwargs)
     if not isinstance(verify, bool):
         raise ValueError(f"`verify` must be True or False. Received: verify={verify!r}")
+    if verify and probe is not None:
+        check_probe(model, probe)
 
     attention = list({id(l): (p, l) for p, l in reversed(_attention_layers(model, unknown=True))}.values())[::-1]
     selected = _select(attention, layers)
@@ -1346,6 +1417,11 @@ def finalize(model, verify: bool = True, probe=None):
     Returns:
         The linear-only model.
 
+    Raises:
+        ValueError: `model` was never converted (it holds softmax attention
+            and no SARA layer: run `convert` first), or `probe` does not fit
+            it. Softmax layers left by a partial conversion give a warning.
+
     Example:
 
     >>> student, _ = keras_sara.convert(teacher, blend=0.0)     # doctest: +SKIP
@@ -1360,8 +1436,26 @@ def finalize(model, verify: bool = True, probe=None):
         )
     if not model.built:
         raise ValueError(f"`model` must be built. Received: model '{model.name}' with built=False")
+    attention = _attention_layers(model)
+    softmax = [p for p, l in attention if not isinstance(l, SARALayer)]
+    if softmax and len(softmax) == len(attention):
+        raise ValueError(
+            f"`model` must be converted before `finalize`: '{model.name}' holds no SARA layer, "
+            f"only softmax attention ({', '.join(softmax)}), which finalize would leave in the "
+            "graph. Run `student, report = keras_sara.convert(model)` (and up-train) first. "
+            f"Received: model '{model.name}' with {len(softmax)} softmax attention layer(s)"
+        )
+    if softmax:
+        warnings.warn(
+            f"finalize: {', '.join(softmax)} stay softmax attention (not converted, e.g. by "
+            "`convert(layers=...)`), so the model is not linear-only.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if verify and probe is not None:
+        check_probe(model, probe)
     blendable = [
-        (p, l) for p, l in _attention_layers(model)
+        (p, l) for p, l in attention
         if isinstance(l, SARALayer) and l.blend_variable is not None
     ]
     if not blendable:

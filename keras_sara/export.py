@@ -42,7 +42,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -51,7 +50,7 @@ import numpy as np
 
 from keras_sara.folding import fold_layernorm as fold_layernorm_affine
 from keras_sara.layers.sara_multi_head_attention import split_heads_layout
-from keras_sara.utils import atomic_write
+from keras_sara.utils import atomic_write, temporary_name, work_directory
 
 QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
 
@@ -83,6 +82,11 @@ DEFAULT_INT8_FLOAT_OPS = (
     "BATCH_MATMUL", "DIV", "SUM", "MEAN", "SQUARED_DIFFERENCE", "RSQRT", "NEG", "GELU",
     "MUL", "ADD", "MAXIMUM",
 )
+
+# Quantise/dequantise glue: a failed int8 export's diagnosis does not try keeping
+# it in float (every other op can matter, layout ops included: an int8 RESHAPE
+# or PAD after a float op quantises that op's output).
+_INT8_GLUE_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
 
 # Random normal probes used when neither `probe` nor representative data is given.
 DEFAULT_NUM_PROBES = 2
@@ -296,8 +300,8 @@ def _check_path(path) -> str:
             f"Received: path={path!r}"
         )
     try:
-        fd, probe = tempfile.mkstemp(dir=directory, prefix=".keras_sara_write_check_")
-        os.close(fd)
+        probe = temporary_name(path)  # removed by the next write if this process dies here
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         os.unlink(probe)
     except OSError as err:
         raise ValueError(
@@ -403,6 +407,13 @@ def _as_numpy(x, name: str, dtype: str) -> np.ndarray:
         ) from err
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"`{name}` must hold numeric arrays. Received: dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        # checked first: a NaN probe would read as a parity failure, a NaN calibration as a bad range
+        bad = int(np.sum(~np.isfinite(arr)))
+        raise ValueError(
+            f"`{name}` must hold finite values: {bad} of its {arr.size} values are NaN or "
+            f"infinite. Received: {name} with an array of shape {arr.shape}"
+        )
     return arr.astype(dtype, copy=False)
 
 
@@ -757,7 +768,7 @@ def _convert(
         outputs = model(_pack(structure, list(args)), training=False)
         return {f"output_{i}": t for i, t in enumerate(keras.tree.flatten(outputs))}
 
-    with tempfile.TemporaryDirectory(prefix="keras_sara_export_") as saved_model:
+    with work_directory("keras_sara_export_") as saved_model:
         layout = split_heads_layout() if split_heads else contextlib.nullcontext()
         with layout:  # SARA layers in their fastest LiteRT layout
             archive = keras.export.ExportArchive()
@@ -999,6 +1010,70 @@ def _latency(runner: _Runner, arrays: list, runs: int) -> tuple:
     return float(np.percentile(times, 50)), float(np.percentile(times, 90))
 
 
+def int8_diagnosis(histogram: dict, float_ops: dict, kept_float: Sequence[str], tolerance: float,
+                   error: float, error_keeping) -> str:
+    """Which int8 ops drive a failed int8 export's error, measured, as text for the error message.
+
+    Each op type that ran in int8 (quantise/dequantise glue aside; layout
+    ops count, since an int8 RESHAPE after a float op quantises that op's
+    output) is measured on its own: the file is re-converted with every
+    other such op type kept in float32, so its relative error is what that
+    op type's int8 form contributes. Then the largest contributors are kept
+    in float, one more at a time, until the error is within `tolerance`;
+    the text ends with the `int8_float_ops` to pass. Conversions run only on
+    this failure path (one per op type, plus one per greedy step).
+
+    Args:
+        histogram: op counts of the failed file; float_ops: how many of them
+            already compute in float32.
+        kept_float: the `int8_float_ops` of the failed export.
+        tolerance: the tolerance that failed; error: its relative error.
+        error_keeping: callable, a list of op names -> relative error of
+            the file converted with those ops also kept in float.
+
+    Returns:
+        The lines to append to the error message ("" when no op ran in int8).
+    """
+    candidates = sorted(
+        name for name, count in histogram.items()
+        if name not in _INT8_GLUE_OPS and name not in kept_float and float_ops.get(name, 0) < count
+    )
+    if not candidates:
+        return ""
+    print(f"export_tflite: int8 error {error:.3f} > {tolerance:g}; measuring what each of "
+          f"{len(candidates)} int8 op type(s) contributes ({', '.join(candidates)})", file=sys.stderr)
+    def measure(extra):
+        try:
+            return float(error_keeping(extra))
+        except Exception:  # e.g. the converter's debug mode needs one numeric int8 op left
+            return float("nan")
+
+    if len(candidates) == 1:
+        alone = {candidates[0]: error}
+    else:
+        alone = {n: measure([c for c in candidates if c != n]) for n in candidates}
+    ranked = sorted(candidates, key=lambda n: (not np.isfinite(alone[n]), -alone[n]))  # unmeasurable last
+    lines = [f"\nPer-op contribution (relative error with only that op type in int8; {error:.3f} with all):"]
+    for name in ranked:
+        shown = f"{alone[name]:.3f}" if np.isfinite(alone[name]) else "not measurable alone"
+        lines.append(f"  {name:<18} ({histogram[name]} op(s)) alone in int8 -> {shown}")
+    keep = None
+    for k in range(1, len(ranked)):  # all in float is no int8 file at all: not tried
+        trial = measure(ranked[:k])
+        lines.append(f"  keeping {', '.join(ranked[:k])} in float32 -> {trial:.3f}"
+                     + ("  (passes)" if trial <= tolerance else ""))
+        if trial <= tolerance:
+            keep = ranked[:k]
+            break
+    if keep:
+        lines.append(f"Keep them in float: int8_float_ops={tuple(kept_float) + tuple(keep)!r}.")
+    else:
+        lines.append("Keeping op types in float does not bring the error under the tolerance: the error "
+                     "is spread over the model's int8 activations (calibrate on real inputs, or use "
+                     "quantize='dynamic').")
+    return "\n".join(lines)
+
+
 def _write_atomically(path: str, buffer: bytes) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -1042,6 +1117,17 @@ def _export_tensorflow(model, path, settings, probes, references, representative
         errors = _compare(runner, probes, references)
         rel = errors["relative_error"]
         if not (rel <= settings["tolerance"]):  # NaN fails too
+            diagnosis = ""
+            if quantize == "int8" and not settings["int8_io"]:
+                def convert_keeping(extra):
+                    return _convert(
+                        model, shapes, dtypes, quantize, representative, settings["builtins_only"],
+                        False, list(settings["int8_float_ops"]) + list(extra), settings["split_heads"],
+                    )
+                diagnosis = int8_diagnosis(
+                    histogram, float_ops, settings["int8_float_ops"], settings["tolerance"], rel,
+                    lambda extra: _compare(_Runner(convert_keeping(extra), num_threads), probes, references)["relative_error"],
+                )
             raise RuntimeError(
                 f"LiteRT output does not match Keras: relative error {rel:.3e} > tolerance "
                 f"{settings['tolerance']:.1e} (max abs error {errors['max_abs_error']:.3e}, "
@@ -1052,6 +1138,7 @@ def _export_tensorflow(model, path, settings, probes, references, representative
                     if quantize == "int8" else ""
                 )
                 + "Raise `tolerance` if this error is acceptable."
+                + diagnosis
             )
     latency = (None, None)
     if settings["benchmark_runs"]:
@@ -1120,13 +1207,29 @@ def _custom_layer_modules(model) -> list:
                 "with KERAS_BACKEND=tensorflow. Received: a model with "
                 f"{type(layer).__name__} from __main__"
             )
+        cls = type(layer)
+        if keras.saving.get_registered_object(keras.saving.get_registered_name(cls)) is not cls:
+            # checked here: the worker would fail on it only after starting TensorFlow
+            raise ValueError(
+                f"Layer '{layer.name}' ({module}.{cls.__qualname__}) is not registered for "
+                "serialisation, so the TensorFlow-backend export process cannot rebuild it "
+                f"from the saved .keras file (models on the {keras.backend.backend()} backend "
+                "are exported by reloading them there). Decorate the class with "
+                "@keras.saving.register_keras_serializable(package=...) and give it a "
+                "complete get_config(), or export with KERAS_BACKEND=tensorflow. Received: "
+                f"a model with the unregistered class {cls.__qualname__}"
+            )
         if module not in modules:
             modules.append(module)
     return modules
 
 
 def run_tensorflow_worker(module: str, work: str) -> subprocess.CompletedProcess:
-    """Run `module._worker_main(work)` in a TensorFlow-backend Python process."""
+    """Run `module._worker_main(work)` in a TensorFlow-backend Python process.
+
+    The worker exits if this process dies (`keras_sara.utils.exit_with_parent`):
+    a killed caller must not leave it running on to write the destination.
+    """
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, KERAS_BACKEND="tensorflow")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -1134,7 +1237,13 @@ def run_tensorflow_worker(module: str, work: str) -> subprocess.CompletedProcess
         [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     return subprocess.run(
-        [sys.executable, "-c", f"from {module} import _worker_main; _worker_main()", work],
+        [
+            sys.executable,
+            "-c",
+            f"from keras_sara.utils import exit_with_parent; exit_with_parent({os.getpid()}); "
+            f"from {module} import _worker_main; _worker_main()",
+            work,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -1144,7 +1253,7 @@ def run_tensorflow_worker(module: str, work: str) -> subprocess.CompletedProcess
 def _export_in_subprocess(model, path, settings, probes, references, representative) -> ExportReport:
     """Save to `.keras`, convert in a TensorFlow-backend process, return its report."""
     modules = _custom_layer_modules(model)
-    with tempfile.TemporaryDirectory(prefix="keras_sara_export_") as work:
+    with work_directory("keras_sara_export_") as work:
         model_path = os.path.join(work, "model.keras")
         model.save(model_path)
         store = {}

@@ -46,7 +46,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 
 # Conversion needs TensorFlow: build the models there directly.
@@ -61,7 +60,7 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 from benchmarks import scaling  # noqa: E402  (the encoder builder)
-from keras_sara.utils import atomic_write  # noqa: E402
+from keras_sara.utils import atomic_write, work_directory  # noqa: E402
 from keras_sara import streaming  # noqa: E402
 from keras_sara.export import export_tflite  # noqa: E402
 from keras_sara.layers import SARAMultiHeadAttention  # noqa: E402
@@ -666,7 +665,7 @@ def main(argv=None):
     log(f"LiteRT benchmark: tokens {cfg['tokens']}, precisions {cfg['precisions']}, "
         f"threads {cfg['threads']}, histories {cfg['histories']}, cpus={os.cpu_count()}")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="keras_sara_tflite_bench_") as work:
+    with work_directory("keras_sara_tflite_bench_") as work:
         if cfg["encoder"]:
             rows += encoder_rows(cfg, work)
         if cfg["histories"]:

@@ -13,8 +13,8 @@ Usage:
 `--calibration` (and `--probe`) take a `.npz` file: one array of examples
 `(N, *input_shape[1:])` for a single-input model, or one array per input in
 the model's input order (the order `np.savez` stored them in). Exit status 2
-for a bad argument or a model that needs Flex ops, 1 when verification fails;
-nothing is written in either case.
+for a bad argument (an unreadable `.keras` file included) or a model that
+needs Flex ops, 1 when verification fails; nothing is written in either case.
 """
 
 from __future__ import annotations
@@ -63,6 +63,11 @@ def load_npz(path: str, flag: str):
     return arrays[0] if len(arrays) == 1 else arrays
 
 
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m tflite.export",
@@ -103,7 +108,18 @@ def main(argv=None) -> int:
     import keras_sara  # noqa: F401  (registers SARA layers for loading)
     from keras_sara.export import export_tflite
 
-    model = keras.saving.load_model(args.model, compile=False)
+    try:
+        model = keras.saving.load_model(args.model, compile=False)
+    except Exception as err:  # Keras says "File not found" for a damaged archive that exists
+        print(
+            f"error: model {args.model!r} exists ({os.path.getsize(args.model)} bytes) but is not a "
+            "readable .keras archive: the file may be truncated or damaged, or hold a layer "
+            "class that is not importable here (register custom layers with "
+            "keras.saving.register_keras_serializable and import their module). Keras said: "
+            f"{type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
+        return 2
     input_shapes = None
     if args.input_shape:
         input_shapes = args.input_shape[0] if len(args.input_shape) == 1 else args.input_shape
@@ -132,8 +148,9 @@ def main(argv=None) -> int:
         return 1
     print(report)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        from keras_sara.utils import atomic_write
+
+        atomic_write(args.json, lambda tmp: _write_json(tmp, report.to_dict()))
     return 0
 
 

@@ -9,7 +9,7 @@ only `pip install ai-edge-litert` was done.
     action = policy(observation)          # numpy in, numpy out
     print(policy.latency(runs=50))        # {'p50_ms': ..., 'p90_ms': ..., ...}
 
-Inputs are checked (count, shape, dtype) before each call. Files with int8
+Inputs are checked (count, shape, dtype, finite values) before each call. Files with int8
 (or uint8) inputs or outputs, such as `export_tflite(..., quantize="int8",
 int8_io=True)` writes, take float inputs and give float outputs here: the
 runner applies each tensor's scale and zero point.
@@ -44,6 +44,10 @@ class PolicyRunner:
             the only one (files from `keras_sara.export.export_tflite` have
             one, `serve`), or the subgraph's inputs and outputs when the file
             has no signature.
+        allow_non_finite: accept NaN and infinite values in float inputs.
+            Default False: such an input raises a ValueError naming it, since
+            on a robot a NaN observation would become a NaN action. Pass True
+            only if the caller handles non-finite values itself.
 
     Call arguments:
         *inputs: one numpy array per model input, in the model's input order
@@ -67,7 +71,13 @@ class PolicyRunner:
     >>> action = policy(np.zeros((1, 1024, 128), "float32"))  # doctest: +SKIP
     """
 
-    def __init__(self, path, num_threads: int = 2, signature: Optional[str] = None):
+    def __init__(
+        self,
+        path,
+        num_threads: int = 2,
+        signature: Optional[str] = None,
+        allow_non_finite: bool = False,
+    ):
         if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
             raise ValueError(
                 f"`path` must be an existing .tflite file. Received: path={path!r}"
@@ -76,9 +86,22 @@ class PolicyRunner:
             raise ValueError(
                 f"`num_threads` must be an integer >= 1. Received: num_threads={num_threads!r}"
             )
+        if not isinstance(allow_non_finite, bool):
+            raise ValueError(
+                f"`allow_non_finite` must be True or False. Received: allow_non_finite={allow_non_finite!r}"
+            )
         self.path = os.fspath(path)
         self.num_threads = num_threads
-        self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+        self.allow_non_finite = allow_non_finite
+        _check_flatbuffer(self.path)
+        try:
+            self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+        except (ValueError, RuntimeError) as err:  # a truncated or damaged file past its header
+            raise ValueError(
+                f"`path` {self.path!r} ({os.path.getsize(self.path)} bytes) is not a loadable "
+                f"LiteRT model; the file may be truncated or damaged: re-export it. "
+                f"The interpreter said: {err}"
+            ) from err
         signatures = self._interpreter.get_signature_list()
         if signature is not None and signature not in signatures:
             raise ValueError(
@@ -230,6 +253,7 @@ class PolicyRunner:
                     f"Input '{name}' must be a real-valued array (quantised to {dtype.name} "
                     f"here). Received: dtype {x.dtype}"
                 )
+            self._check_finite(name, x)
             scale, zero_point = d["quantization"]
             info = np.iinfo(dtype)
             q = np.round(x.astype(np.float32) / np.float32(scale)) + zero_point
@@ -240,6 +264,7 @@ class PolicyRunner:
                     f"Input '{name}' must be a real-valued array ({dtype.name}). "
                     f"Received: dtype {x.dtype}"
                 )
+            self._check_finite(name, x)
             return x.astype(dtype, copy=False)
         if dtype.kind in "iu" and x.dtype.kind in "iu":
             if x.size and (x.min() < np.iinfo(dtype).min or x.max() > np.iinfo(dtype).max):
@@ -253,6 +278,38 @@ class PolicyRunner:
         raise ValueError(
             f"Input '{name}' must have dtype {dtype.name} (integer inputs take integer arrays). "
             f"Received: dtype {x.dtype}"
+        )
+
+
+    def _check_finite(self, name: str, x: np.ndarray) -> None:
+        if self.allow_non_finite or x.dtype.kind != "f" or np.isfinite(x).all():
+            return
+        bad = ~np.isfinite(x)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"Input '{name}' must hold finite values: {int(bad.sum())} of its {x.size} values "
+            f"are NaN or infinite (first at index {first}: {x[first]}). A non-finite input "
+            "gives a non-finite output; check the sensor or state feeding it, or pass "
+            "PolicyRunner(..., allow_non_finite=True) to handle it yourself. "
+            f"Received: {name} of shape {x.shape}"
+        )
+
+
+def _check_flatbuffer(path: str) -> None:
+    """Refuse a file that is not a LiteRT flatbuffer, naming it (the interpreter says only "mmap")."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(
+            f"`path` {path!r} is empty (0 bytes), not a LiteRT model: an export that did not "
+            "finish, or the wrong file. Re-export it (export_tflite writes atomically)."
+        )
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":  # the flatbuffer file identifier of .tflite
+        raise ValueError(
+            f"`path` {path!r} ({size} bytes) is not a LiteRT (.tflite) flatbuffer: its file "
+            f"identifier (bytes 4 to 8) is {head[4:8]!r}, expected b'TFL3'. Pass the .tflite "
+            "file that export_tflite wrote."
         )
 
 

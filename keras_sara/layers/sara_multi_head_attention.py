@@ -7,6 +7,7 @@ import threading
 import warnings
 
 import keras
+import numpy as np
 from keras import ops
 from keras.src import backend as _kbackend  # Keras masks have no public accessor
 
@@ -92,6 +93,12 @@ class SARAMultiHeadAttention(SARALayer, keras.layers.MultiHeadAttention):
     - `attention_axes`: supported without masks; with several attention axes
       the tokens of those axes form one sequence.
     - a row with every key masked outputs zero attention (not NaN).
+    - mask values: as in `keras.layers.MultiHeadAttention` on every backend,
+      a mask is cast to bool, so any nonzero value (0.3, 0.5, -1) means
+      "attend" and only 0 (or False) masks; pass boolean masks to avoid the
+      question. A mask whose shape does not fit the inputs (`query_mask` and
+      `value_mask`/`key_mask` `(B, T)`/`(B, S)`, `attention_mask`
+      `(B, T, S)`, size-1 axes broadcast) is refused with both shapes named.
 
     Args:
         num_heads, key_dim, value_dim, dropout, use_bias, output_shape,
@@ -297,6 +304,7 @@ class SARAMultiHeadAttention(SARALayer, keras.layers.MultiHeadAttention):
     ):
         if key is None:
             key = value
+        self._check_call_shapes(query, value, key, query_mask, value_mask, key_mask, attention_mask)
         if query_mask is None:
             query_mask = _kbackend.get_keras_mask(query)
         for x in (query, value, key):
@@ -407,6 +415,51 @@ class SARAMultiHeadAttention(SARALayer, keras.layers.MultiHeadAttention):
         if return_attention_scores:
             return attention_output, attention_scores
         return attention_output
+
+    def _check_call_shapes(self, query, value, key, query_mask, value_mask, key_mask, attention_mask):
+        """Name the argument and the shapes before a backend's broadcast or reshape error can."""
+        q, v, k = (_static_shape(x) for x in (query, value, key))
+        if self.built:
+            for name, shape, dense in (
+                ("query", q, self._query_dense), ("value", v, self._value_dense), ("key", k, self._key_dense)
+            ):
+                kernel = getattr(dense, "kernel", None)
+                if kernel is None:
+                    continue
+                want = int(kernel.shape[0])
+                if shape and shape[-1] is not None and shape[-1] != want:
+                    raise ValueError(
+                        f"`{name}` must have {want} features (last axis): the layer was built for "
+                        f"{name} features of size {want}. Received: {name}.shape={shape}. Call a new "
+                        "layer for inputs of another feature size."
+                    )
+        if not q or not v:
+            return
+        for name, mask, ref, ref_name in (
+            ("query_mask", query_mask, q, "query"),
+            ("value_mask", value_mask, v, "value"),
+            ("key_mask", key_mask, k, "key"),
+        ):
+            if mask is None:
+                continue
+            want = ref[:-1]  # (B, T...)
+            got = _static_shape(mask)
+            if got is not None and not _matches(got, want, broadcast=False):
+                raise ValueError(
+                    f"`{name}` must have the shape of `{ref_name}` without its feature axis, "
+                    f"{_fmt(want)} (batch, {ref_name} tokens). Received: {name}.shape={_fmt(got)} "
+                    f"for {ref_name}.shape={_fmt(ref)}"
+                )
+        if attention_mask is not None:
+            want = (q[0],) + q[1:-1] + v[1:-1]  # (B, T..., S...)
+            got = _static_shape(attention_mask)
+            if got is not None and not _matches(got, want, broadcast=True):
+                raise ValueError(
+                    "`attention_mask` must have shape (batch, query tokens..., value tokens...) = "
+                    f"{_fmt(want)} (an axis of size 1 broadcasts). Received: "
+                    f"attention_mask.shape={_fmt(got)} for query.shape={_fmt(q)}, "
+                    f"value.shape={_fmt(v)}"
+                )
 
     def _compute_attention(
         self,
@@ -680,6 +733,38 @@ class SARAMultiHeadAttention(SARALayer, keras.layers.MultiHeadAttention):
             "chunk_size": self.chunk_size,
             "blend": self.blend,
         }
+
+
+def _static_shape(x):
+    """The shape as a tuple of ints and None (unknown), or None for a shapeless value."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        try:
+            shape = np.shape(x)
+        except Exception:  # not array-like: leave the error to the backend
+            return None
+    try:
+        dims = tuple(shape)
+    except (TypeError, ValueError):  # unknown rank (TensorFlow graph mode)
+        return None
+    # symbolic sizes (JAX shape polymorphism, torch.compile) count as unknown: comparing them may raise
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and not isinstance(d, bool) else None for d in dims)
+
+
+def _matches(got, want, broadcast: bool) -> bool:
+    if len(got) != len(want):
+        return False
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g is None or w is None or g == w:
+            continue
+        if g == 1 and (broadcast or i == 0):  # a batch of 1 broadcasts, as in MHA
+            continue
+        return False
+    return True
+
+
+def _fmt(shape) -> str:
+    return "unknown" if shape is None else str(tuple(shape))
 
 
 def _combine_masks(value_mask, key_mask):

@@ -146,15 +146,27 @@ def _normalise(out_aug, eps, dtype):
     return ops.cast(num / (den + eps), dtype)
 
 
-def linear_attention(q, k, v, key_mask=None, eps: float = DEFAULT_EPS):
+def linear_attention(q, k, v, key_mask=None, eps: float = DEFAULT_EPS, check_inputs: bool = False):
     """Bidirectional (non-causal) linear attention, O((T + S) * M * D).
 
+    Contract: `q` and `k` are the outputs of a feature map `phi` (for
+    example `keras_sara.feature_maps.get("relu")`), so every entry is
+    non-negative and each normaliser `phi(q_t) . sum_s phi(k_s)` is >= 0. This
+    function does not apply a feature map: raw signed projections make the
+    normaliser change sign or pass near zero, and the output is then
+    unbounded (thousands for inputs in [-3, 3]) rather than an average of
+    the values. `check_inputs=True` verifies the contract.
+
     Args:
-        q: feature-mapped queries, `(B, T, H, M)`.
-        k: feature-mapped keys, `(B, S, H, M)`.
+        q: feature-mapped queries, `(B, T, H, M)`, non-negative.
+        k: feature-mapped keys, `(B, S, H, M)`, non-negative.
         v: values, `(B, S, H, D)`.
         key_mask: optional boolean `(B, S)`, False for padded keys.
         eps: positive constant added to the normaliser.
+        check_inputs: check that `q` and `k` are finite and non-negative
+            and raise a ValueError naming the first that is not (default
+            False: the check reads the values, so it needs eager tensors,
+            not a traced function).
 
     Returns:
         `(B, T, H, D)` in `v.dtype`.
@@ -171,11 +183,46 @@ def linear_attention(q, k, v, key_mask=None, eps: float = DEFAULT_EPS):
     q, k, v = ops.convert_to_tensor(q), ops.convert_to_tensor(k), ops.convert_to_tensor(v)
     _check_qkv(q, k, v)
     _check_key_mask(key_mask, k)
+    if not isinstance(check_inputs, bool):
+        raise ValueError(f"`check_inputs` must be True or False. Received: check_inputs={check_inputs!r}")
+    if check_inputs:
+        check_feature_mapped(q, "q")
+        check_feature_mapped(k, "k")
     dtype = v.dtype
     q, k, v_aug = _prepare(q, k, v, key_mask)
     kv = ops.einsum("bshm,bshd->bhmd", k, v_aug)  # (B, H, M, D+1): [Psi | Gamma]
     out_aug = ops.einsum("bthm,bhmd->bthd", q, kv)  # (B, T, H, D+1)
     return _normalise(out_aug, eps, dtype)
+
+
+def check_feature_mapped(x, name: str = "x") -> None:
+    """Raise a ValueError unless `x` is finite and non-negative, as feature-mapped queries and keys are.
+
+    Reads the values (eager tensors only): for debugging and input checks,
+    not inside a traced training step.
+    """
+    x = ops.convert_to_tensor(x)
+    try:
+        finite = bool(ops.convert_to_numpy(ops.all(ops.isfinite(x))))
+        minimum = float(ops.convert_to_numpy(ops.min(x))) if finite and math.prod(tuple(x.shape)) else 0.0
+    except Exception as err:  # a symbolic or traced tensor has no values to read
+        raise ValueError(
+            f"`{name}` must be a concrete (eager) tensor for the feature-map check; inside a "
+            f"traced function pass check_inputs=False. Received: {name} of type {type(x).__name__}"
+        ) from err
+    if not finite:
+        raise ValueError(
+            f"`{name}` must be finite. Received: {name} with NaN or infinite values, "
+            f"shape {_shape_str(x)}"
+        )
+    if minimum < 0:
+        negative = int(ops.convert_to_numpy(ops.sum(ops.cast(x < 0, "int32"))))
+        raise ValueError(
+            f"`{name}` must be feature-mapped (non-negative), e.g. "
+            f"`keras_sara.feature_maps.get('relu')({name})`: linear attention with signed "
+            f"queries or keys has a normaliser that can cross zero. Received: {name} with "
+            f"minimum {minimum:.4g} ({negative} negative value(s)), shape {_shape_str(x)}"
+        )
 
 
 def _head_index(heads: int, size: int):
