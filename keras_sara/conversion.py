@@ -1188,6 +1188,11 @@ def check_probe(model, probe, name: str = "probe") -> None:
             inputs = [structure[k] for k in structure]
         elif structure is not None:
             inputs = keras.tree.flatten(structure)
+            names = [getattr(t, "name", None) for t in inputs]
+            if isinstance(probe, dict) and all(n in probe for n in names):
+                # a dict for a list of named Inputs: Keras matches it by name, so do we
+                got = [probe[n] for n in names]
+                got_shapes = [tuple(np.shape(x)) for x in got]
     if inputs:
         want = [tuple(t.shape) for t in inputs]
         want_text = ", ".join(str(w) for w in want)

@@ -101,6 +101,17 @@ def test_finalize_of_a_converted_model_stays_silent():
         keras_sara.finalize(student)
 
 
+def test_a_dict_probe_for_a_list_of_named_inputs_is_matched_by_name():
+    """Keras matches a dict to a list of named Inputs (rt2_grasping's probe): so must the probe check."""
+    from keras_sara.conversion import check_probe
+
+    zeta, alpha = keras.Input((3,), name="zeta"), keras.Input((5,), name="alpha")
+    model = keras.Model([zeta, alpha], keras.layers.Concatenate()([zeta, alpha]))
+    check_probe(model, {"zeta": np.zeros((2, 3)), "alpha": np.zeros((2, 5))})  # not sorted by key
+    with pytest.raises(ValueError, match=r"Received: probe with shape\(s\) \(2, 4\), \(2, 5\)"):
+        check_probe(model, {"zeta": np.zeros((2, 4)), "alpha": np.zeros((2, 5))})
+
+
 # -------------------------------------------------------------- export
 
 
