@@ -181,3 +181,14 @@ def test_history_frames_repeat_the_first_frame_at_the_start():
     images = np.arange(5)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)
     hist = V.history_frames(images.astype(np.uint8), episode=[0, 0, 0, 1, 1], step=[0, 1, 2, 0, 1], history=3)
     assert hist[:, :, 0, 0, 0].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [3, 3, 3], [3, 3, 4]]
+
+
+def test_vector_policy_from_cached_frame_tokens_equals_its_forward_pass():
+    vector = V.build_vla_policy(history=H, interface="vector")
+    student, _ = keras_sara.convert(vector, layers=V.decoder_attention, verify=False)
+    for model in (vector, keras_sara.finalize(student, verify=False)):
+        images, gripper = _observation(6)
+        inputs = V.vla_inputs(images, gripper)
+        cached = to_numpy(model.get_layer("backbone").vit_encoder(images))
+        np.testing.assert_allclose(V.vector_actions(model, inputs, image_embeddings=cached),
+                                   to_numpy(model(inputs)), rtol=1e-5, atol=1e-6)

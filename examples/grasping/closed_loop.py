@@ -62,8 +62,11 @@ def _evaluate_shard(job):
     policy_names, seeds, worker, workers, out_dir, load_policy, env_kwargs, tag = job
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:  # a spawned worker: one thread each; in the calling process TensorFlow may already run
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
     from env import GraspingEnv
     from expert import run_episode
 

@@ -440,6 +440,22 @@ def decode_action_tokens(policy, inputs: dict, image_embeddings=None, tokenizer:
     return (tokens, np.stack(seen, axis=1)) if return_logits else tokens
 
 
+def vector_actions(policy, inputs: dict, image_embeddings=None) -> np.ndarray:
+    """`(B, 3)` actions of a vector policy, optionally from cached frame tokens (equal to `policy(inputs)`)."""
+    from keras import ops
+
+    if image_embeddings is None:
+        return ops.convert_to_numpy(policy(inputs))
+    backbone = policy.get_layer("backbone")
+    x = backbone.token_embedding(ops.convert_to_tensor(inputs["token_ids"], "int32"))
+    x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
+    x = ops.concatenate((ops.convert_to_tensor(image_embeddings, x.dtype), x), axis=1)
+    for block in backbone.transformer_layers:
+        x = block(x, padding_mask=inputs["padding_mask"], response_mask=inputs["response_mask"])
+    x = policy.get_layer("sep_state")(backbone.layer_norm(x))
+    return ops.convert_to_numpy(policy.get_layer("actions")(policy.get_layer("head_1")(x)))
+
+
 class FrameTokenCache:
     """The ViT tokens of an episode's last `history` frames: one ViT call per control step.
 
@@ -486,11 +502,20 @@ class FrameHistory:
         return np.stack(self.frames)[None]
 
 
-def history_frames(images, episode, step, history) -> np.ndarray:
-    """`(F, H, S, S, 3)` histories of frames stored episode by episode in step order (first frame repeated)."""
+def history_index(episode, step, history) -> np.ndarray:
+    """`(F, H)` indices of each frame's history, for frames stored episode by episode in step order.
+
+    Row i holds the frames of i's episode at steps `step[i] - H + 1 .. step[i]`
+    (oldest first), the episode's first frame standing in for steps before it.
+    """
     episode, step = np.asarray(episode), np.asarray(step)
     back = np.arange(history - 1, -1, -1)[None, :]
     index = np.arange(len(step))[:, None] - np.minimum(back, step[:, None])
-    if np.any(episode[index] != episode[:, None]):
+    if np.any(episode[index] != episode[:, None]) or np.any(step[index] != np.maximum(step[:, None] - back, 0)):
         raise ValueError("frames must be stored episode by episode, in step order, with no step missing")
-    return images[index]
+    return index
+
+
+def history_frames(images, episode, step, history) -> np.ndarray:
+    """`(F, H, S, S, 3)` histories of frames stored episode by episode in step order (first frame repeated)."""
+    return np.asarray(images)[history_index(episode, step, history)]
