@@ -21,6 +21,11 @@ data as `rt2_grasping.py`:
    frame (`FrameTokenCache`); token policies decode greedily, constrained to
    action tokens, on the KV cache (teacher, sara-vit) or the constant-size
    SARA state (sara-vitdec); an invalid decode is an error, never an action.
+   The vector policies also play as LiteRT files (`export_vector_policy`: a
+   one-frame vision tower and the decoder with its head, float32, verified),
+   run by `tflite.runner.PolicyRunner` with the older frames' tokens cached.
+   LiteRT files of the token policies (a decoder step on the state) are not
+   built yet.
 
 Every stage's product is kept under `--out-dir`, so an interrupted run resumes
 (another setting there is refused unless `--fresh`). Writes `results.json`,
@@ -74,11 +79,13 @@ def log(message: str) -> None:
 
 
 def policy_names(interfaces, histories, kinds=("teacher", *CONVERSIONS)) -> list:
-    return [f"{kind}_{i}_h{h}" for i in interfaces for h in histories for kind in kinds]
+    """Keras policies of every interface and H, and the LiteRT files of the vector ones (`_tflite`)."""
+    names = [f"{kind}_{i}_h{h}" for i in interfaces for h in histories for kind in kinds]
+    return names + [f"{n}_tflite" for n in names if "_vector_" in n]
 
 
 def _parse_name(name):
-    kind, interface, h = name.rsplit("_", 2)
+    kind, interface, h = name.removesuffix("_tflite").rsplit("_", 2)
     return kind, interface, int(h[1:])
 
 
@@ -238,8 +245,12 @@ def _load_policy(name, out_dir):
         return RandomPolicy()
     if name == "expert":
         return ScriptedExpert()
+    _, interface, history = _parse_name(name)
+    if name.endswith("_tflite"):
+        from vla_policy import LiteRTVectorPolicy
+
+        return LiteRTVectorPolicy(os.path.join(out_dir, name.removesuffix("_tflite")), history)
     vla_classes()
-    _, interface, _ = _parse_name(name)
     return VLAPolicy(keras.saving.load_model(os.path.join(out_dir, f"{name}.keras")), interface)
 
 
@@ -251,6 +262,8 @@ def pairs_for(interfaces, histories) -> list:
     for i in interfaces:
         for h in histories:
             pairs += [(f"{kind}_{i}_h{h}", f"teacher_{i}_h{h}") for kind in CONVERSIONS]
+            if i == "vector":
+                pairs += [(f"{kind}_{i}_h{h}_tflite", f"{kind}_{i}_h{h}") for kind in ("teacher", *CONVERSIONS)]
         if 1 in histories and 3 in histories:
             pairs += [(f"teacher_{i}_h3", f"teacher_{i}_h1"), (f"sara-vitdec_{i}_h3", f"teacher_{i}_h1")]
     return pairs
@@ -263,14 +276,20 @@ def markdown(results) -> str:
         f"{EVAL_FIRST_SEED + cfg['episodes'] - 1}), 95% Wilson intervals; offline: action MSE against the "
         "expert on held-out frames:",
         "",
-        "| interface | H | policy | success | 95% interval | offline action MSE |",
-        "|---|---:|---|---:|---:|---:|",
+        "| interface | H | policy | runtime | success | 95% interval | offline action MSE |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     for name, p in s["policies"].items():
         kind, interface, h = _parse_name(name)
         mse = results["offline"].get(name, {}).get("mse")
-        lines.append(f"| {interface} | {h} | {kind} | {p['success']:.1%} | {p['low']:.1%} - {p['high']:.1%} | "
-                     f"{'-' if mse is None else f'{mse:.4f}'} |")
+        runtime = "LiteRT (tower + decoder)" if name.endswith("_tflite") else "Keras"
+        lines.append(f"| {interface} | {h} | {kind} | {runtime} | {p['success']:.1%} | {p['low']:.1%} - "
+                     f"{p['high']:.1%} | {'-' if mse is None else f'{mse:.4f}'} |")
+    if results.get("export"):
+        lines += ["", "LiteRT files (float32, verified against Keras), p50 ms at batch 1, 1 thread:", "",
+                  "| policy | tower (one frame) | decoder (H frames' tokens + prompt) |", "|---|---:|---:|"]
+        for name, e in results["export"].items():
+            lines.append(f"| {name} | {e['tower_p50_ms']:.2f} | {e['decoder_p50_ms']:.2f} |")
     lines += ["", "Paired differences (same seeds), 95% intervals:", ""] + closed_loop.paired_rows(s["paired"])
     return "\n".join(lines) + "\n"
 
@@ -386,6 +405,25 @@ def main(argv=None):
                     write_json(training_path, training)
                 timings[f"{sname}_s"] = time.perf_counter() - t
                 offline[sname] = _errors(predict_actions(sara, interface, val_inputs), val_actions)
+    export_path = os.path.join(out_dir, "export.json")
+    export = json.load(open(export_path)) if os.path.exists(export_path) else {}
+    if "vector" in cfg["interfaces"]:
+        from vla_policy import export_vector_policy
+
+        probe_rows = val_index[:max(cfg["histories"]) + 2]
+        for h in cfg["histories"]:
+            for kind in ("teacher", *CONVERSIONS):
+                name = f"{kind}_vector_h{h}"
+                prefix = os.path.join(out_dir, name)
+                if name in export and all(os.path.exists(f"{prefix}_{p}.tflite") for p in ("tower", "decoder")):
+                    continue
+                log(f"export {name} (tower + decoder)")
+                reports = export_vector_policy(keras.saving.load_model(prefix + ".keras"), prefix,
+                                               data["image"][probe_rows], data["gripper"][probe_rows])
+                export[name] = {f"{part}_{k}": v for part, r in reports.items() for k, v in (
+                    ("p50_ms", r.latency_p50_ms), ("relative_error", r.relative_error),
+                    ("size_kb", r.size_bytes / 1024), ("softmax_ops", int(r.op_histogram.get("SOFTMAX", 0))))}
+                write_json(export_path, export)
     offline["zero action"] = _errors(np.zeros_like(val_actions), val_actions)
     log("offline action MSE on held-out frames: " + ", ".join(f"{k} {v['mse']:.4f}" for k, v in offline.items()))
 
@@ -403,6 +441,7 @@ def main(argv=None):
         "frames": {"train": int(len(train_index)), "held_out": int(len(val_index))},
         "training": training,
         "offline": offline,
+        "export": export,
         "closed_loop": closed_loop.summarise(episodes, pairs_for(cfg["interfaces"], cfg["histories"])),
         "timings": timings,
         "load_average": os.getloadavg(),

@@ -9,7 +9,7 @@ import pytest
 
 import keras_sara
 from keras_sara import decoding
-from tests.backend_utils import to_numpy
+from tests.backend_utils import backend, to_numpy
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "grasping"))
 import vla_policy as V  # noqa: E402
@@ -192,3 +192,23 @@ def test_vector_policy_from_cached_frame_tokens_equals_its_forward_pass():
         cached = to_numpy(model.get_layer("backbone").vit_encoder(images))
         np.testing.assert_allclose(V.vector_actions(model, inputs, image_embeddings=cached),
                                    to_numpy(model(inputs)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(backend() != "tensorflow", reason="LiteRT export runs on the TensorFlow backend")
+def test_vector_policy_litert_files_in_the_loop_match_keras(tmp_path):
+    """Tower + decoder files, the tower run on the new frame only, against the Keras policy over an episode."""
+    vector = V.build_vla_policy(history=H, interface="vector")
+    student, _ = keras_sara.convert(vector, layers=V.decoder_attention, verify=False)
+    sara = keras_sara.finalize(student, verify=False)
+    rng = np.random.default_rng(7)
+    episode = rng.integers(0, 256, (5, S, S, 3)).astype("uint8")
+    gripper = rng.uniform(V.GRIPPER_LOW, V.GRIPPER_HIGH, (5, 6)).astype("float32")
+    for name, model in (("teacher", vector), ("sara", sara)):
+        reports = V.export_vector_policy(model, str(tmp_path / name), episode, gripper)
+        assert not reports["tower"].flex_ops and not reports["decoder"].flex_ops
+        assert "SOFTMAX" not in reports["decoder"].op_histogram or name == "teacher"
+        lite, frames = V.LiteRTVectorPolicy(str(tmp_path / name), H), V.FrameHistory(H)
+        lite.reset(), frames.reset()
+        for frame, g in zip(episode, gripper):
+            want = to_numpy(model(V.vla_inputs(frames.push(frame), g[None])))[0]
+            np.testing.assert_allclose(lite.act(frame, g), want, atol=1e-5)

@@ -456,6 +456,88 @@ def vector_actions(policy, inputs: dict, image_embeddings=None) -> np.ndarray:
     return ops.convert_to_numpy(policy.get_layer("actions")(policy.get_layer("head_1")(x)))
 
 
+def vector_policy_parts(policy, instruction: str = INSTRUCTION):
+    """The two LiteRT-exportable halves of a vector policy, batch 1: `(tower, decoder)` Keras models.
+
+    `tower`: one uint8 frame `(1, S, S, 3)` -> its ViT tokens `(1, n, D)`
+    (run once per control step). `decoder`: the history's tokens `(1, H * n,
+    D)` and the prompt ids `(1, P)` -> the action `(1, 3)`. Together they equal
+    `policy` (same layers and weights).
+    """
+    import keras
+    from keras import ops
+
+    backbone = policy.get_layer("backbone")
+    size = backbone.image_size
+    frame = keras.Input((size, size, 3), dtype="uint8", batch_size=1, name="frame")
+    tower = keras.Model(frame, backbone.vit_encoder.encode_frame(frame), name=f"{policy.name}_tower")
+    tokens = keras.Input((backbone.image_sequence_length, backbone.hidden_dim), batch_size=1, name="frame_tokens")
+    prompt = keras.Input((prompt_tokens(np.zeros((1, GRIPPER_DIM)), instruction).shape[1],), dtype="int32",
+                         batch_size=1, name="token_ids")
+    x = backbone.token_embedding(prompt)
+    x = x * ops.cast(ops.sqrt(backbone.hidden_dim), x.dtype)
+    x = ops.concatenate((tokens, x), axis=1)
+    for block in backbone.transformer_layers:
+        x = block(x, padding_mask=ops.ones_like(prompt), response_mask=ops.zeros_like(prompt))
+    x = policy.get_layer("sep_state")(backbone.layer_norm(x))
+    actions = policy.get_layer("actions")(policy.get_layer("head_1")(x))
+    return tower, keras.Model([tokens, prompt], actions, name=f"{policy.name}_decoder")
+
+
+def export_vector_policy(policy, prefix: str, probe_frames, probe_gripper, num_threads: int = 1) -> dict:
+    """Verified float32 LiteRT files `<prefix>_tower.tflite` and `<prefix>_decoder.tflite` of a vector policy.
+
+    Args:
+        probe_frames: `(K, S, S, 3)` uint8 frames to verify on (K >= H).
+        probe_gripper: `(K, 6)` gripper states for the prompts.
+
+    Returns:
+        `{"tower": ExportReport, "decoder": ExportReport}`.
+    """
+    from keras import ops
+
+    from keras_sara.export import export_tflite
+
+    tower, decoder = vector_policy_parts(policy)
+    history = policy.get_layer("backbone").history
+    frames = [f[None] for f in np.asarray(probe_frames)]
+    reports = {"tower": export_tflite(tower, f"{prefix}_tower.tflite", probe=[[f] for f in frames],
+                                      benchmark_runs=10, num_threads=num_threads)}
+    tokens = [ops.convert_to_numpy(tower(f)) for f in frames]
+    probes = [[np.concatenate(tokens[i:i + history], axis=1), prompt_tokens(probe_gripper[i + history - 1:i + history])]
+              for i in range(len(frames) - history + 1)]
+    reports["decoder"] = export_tflite(decoder, f"{prefix}_decoder.tflite", probe=probes, benchmark_runs=10,
+                                       num_threads=num_threads)
+    return reports
+
+
+class LiteRTVectorPolicy:
+    """A vector policy's two LiteRT files in the control loop: the new frame through the tower, the rest cached.
+
+    Needs only `ai_edge_litert` and numpy (`tflite.runner.PolicyRunner`).
+    """
+
+    def __init__(self, prefix: str, history: int, num_threads: int = 1, image_size: int = IMAGE_SIZE):
+        from tflite.runner import PolicyRunner
+
+        self.tower = PolicyRunner(f"{prefix}_tower.tflite", num_threads=num_threads)
+        self.decoder = PolicyRunner(f"{prefix}_decoder.tflite", num_threads=num_threads)
+        self.history, self.image_size, self.frames = history, image_size, []
+
+    def reset(self, env=None):
+        self.frames = []
+
+    def act(self, image, gripper) -> np.ndarray:
+        tokens = np.asarray(self.tower(check_image(image, self.image_size)[None]))
+        if not self.frames:
+            self.frames = [tokens] * self.history
+        self.frames = (self.frames + [tokens])[-self.history:]
+        return np.asarray(self.decoder(np.concatenate(self.frames, axis=1), prompt_tokens(np.asarray(gripper)[None])))[0]
+
+    def __call__(self, env, obs):
+        return self.act(obs["image"], obs["gripper"])
+
+
 class FrameTokenCache:
     """The ViT tokens of an episode's last `history` frames: one ViT call per control step.
 
