@@ -216,9 +216,7 @@ class VLAPolicy:
         from vla_policy import FrameTokenCache
 
         self.model, self.interface = model, interface
-        self.history = model.get_layer("backbone").history if interface == "vector" else model.backbone.history
-        encoder = (model.get_layer("backbone") if interface == "vector" else model.backbone).vit_encoder
-        self.cache = FrameTokenCache(encoder)
+        self.cache = FrameTokenCache(model.get_layer("backbone").vit_encoder)
 
     def reset(self, env):
         self.cache.reset()
@@ -227,8 +225,7 @@ class VLAPolicy:
         from vla_policy import ActionTokenizer, decode_action_tokens, vector_actions, vla_inputs
 
         embeddings = self.cache.push(obs["image"])
-        frames = np.zeros((1, self.history) + obs["image"].shape, np.uint8)  # not read: embeddings are given
-        inputs = vla_inputs(frames, obs["gripper"][None])
+        inputs = vla_inputs(None, obs["gripper"][None])  # the frames are in `embeddings`
         if self.interface == "tokens":  # raises InvalidActionTokens rather than act on a bad decode
             return ActionTokenizer().decode(decode_action_tokens(self.model, inputs, image_embeddings=embeddings))[0]
         return vector_actions(self.model, inputs, image_embeddings=embeddings)[0]
@@ -379,32 +376,26 @@ def main(argv=None):
             hist = history_index(data["episode"], data["step"], h)
             val_inputs = vla_inputs(data["image"][hist[val_index]], data["gripper"][val_index])
             probe = {k: v[:8] for k, v in val.batch(val_index[:8])[0].items()}
-            name = f"teacher_{interface}_h{h}"
-            path = os.path.join(out_dir, f"{name}.keras")
-            t = time.perf_counter()
-            if os.path.exists(path):
-                teacher = keras.saving.load_model(path)
-                log(f"{name}: loaded")
-            else:
-                teacher, training[name] = train_teacher(cfg, interface, h, train, val)
-                atomic_write(path, teacher.save)
-                write_json(training_path, training)
-            timings[f"{name}_s"] = time.perf_counter() - t
-            offline[name] = _errors(predict_actions(teacher, interface, val_inputs), val_actions)
-            for kind in CONVERSIONS:
-                sname = f"{kind}_{interface}_h{h}"
-                spath = os.path.join(out_dir, f"{sname}.keras")
-                t = time.perf_counter()
-                if os.path.exists(spath):
-                    sara = keras.saving.load_model(spath)
-                    log(f"{sname}: loaded")
+            def load_or_make(name, make):
+                """The policy saved as `name` in --out-dir, or `make()`'s (model, record), saved and recorded."""
+                path, t = os.path.join(out_dir, f"{name}.keras"), time.perf_counter()
+                if os.path.exists(path):
+                    model = keras.saving.load_model(path)
+                    log(f"{name}: loaded")
                 else:
-                    steps = max(1, int(round(cfg["uptrain_fraction"] * training[name]["steps"])))
-                    sara, training[sname] = uptrain(cfg, teacher, kind, interface, train, val, probe, steps)
-                    atomic_write(spath, sara.save)
+                    model, training[name] = make()
+                    atomic_write(path, model.save)
                     write_json(training_path, training)
-                timings[f"{sname}_s"] = time.perf_counter() - t
-                offline[sname] = _errors(predict_actions(sara, interface, val_inputs), val_actions)
+                timings[f"{name}_s"] = time.perf_counter() - t
+                offline[name] = _errors(predict_actions(model, interface, val_inputs), val_actions)
+                return model
+
+            name = f"teacher_{interface}_h{h}"
+            teacher = load_or_make(name, lambda: train_teacher(cfg, interface, h, train, val))
+            for kind in CONVERSIONS:
+                load_or_make(f"{kind}_{interface}_h{h}", lambda: uptrain(
+                    cfg, teacher, kind, interface, train, val, probe,
+                    max(1, int(round(cfg["uptrain_fraction"] * training[name]["steps"])))))
     export_path = os.path.join(out_dir, "export.json")
     export = json.load(open(export_path)) if os.path.exists(export_path) else {}
     if "vector" in cfg["interfaces"]:

@@ -1169,7 +1169,6 @@ def check_probe(model, probe, name: str = "probe") -> None:
         ValueError: `probe` has the wrong structure, shape or non-finite values.
     """
     got = keras.tree.flatten(probe)
-    got_shapes = [tuple(np.shape(x)) for x in got]
     inputs = None
     if isinstance(model, (Functional, Sequential)):
         try:
@@ -1184,7 +1183,6 @@ def check_probe(model, probe, name: str = "probe") -> None:
                     f"Received: {name} with keys {list(probe)} (missing {missing})"
                 )
             got = [probe[k] for k in structure]  # extra keys: as the model, ignored
-            got_shapes = [tuple(np.shape(x)) for x in got]
             inputs = [structure[k] for k in structure]
         elif structure is not None:
             inputs = keras.tree.flatten(structure)
@@ -1192,7 +1190,7 @@ def check_probe(model, probe, name: str = "probe") -> None:
             if isinstance(probe, dict) and all(n in probe for n in names):
                 # a dict for a list of named Inputs: Keras matches it by name, so do we
                 got = [probe[n] for n in names]
-                got_shapes = [tuple(np.shape(x)) for x in got]
+    got_shapes = [tuple(np.shape(x)) for x in got]
     if inputs:
         want = [tuple(t.shape) for t in inputs]
         want_text = ", ".join(str(w) for w in want)

@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from env import ACTION_DIM, CROP_HIGH, CROP_LOW, GRIPPER_DIM  # noqa: E402
-from image_policy import INSTRUCTION, VOCABULARY, check_image  # noqa: E402
+from image_policy import INSTRUCTION, VOCABULARY, check_image, tokenize  # noqa: E402
 
 IMAGE_SIZE = 64
 INTERFACES = ("tokens", "vector")
@@ -64,13 +64,18 @@ GRIPPER_LOW = np.array([CROP_LOW[0], CROP_LOW[1], CROP_LOW[2], -1.0, -1.0, 0.0],
 GRIPPER_HIGH = np.array([CROP_HIGH[0], CROP_HIGH[1], CROP_HIGH[2], 1.0, 1.0, 0.4], np.float32)
 PACKAGE = "keras_sara_examples"
 
-# Vocabulary: the instruction words (0 is padding), BOS and SEP, the gripper tokens
-# (GRIPPER_BINS per dimension), then the action tokens (ACTION_BINS, shared by the dimensions).
+# Vocabulary: the instruction words (image_policy's, 0 is padding), BOS and SEP, the gripper
+# tokens (GRIPPER_BINS per dimension), then the action tokens (ACTION_BINS, shared by the dimensions).
 BOS = len(VOCABULARY)
 SEP = BOS + 1
 GRIPPER_BASE = SEP + 1
 ACTION_BASE = GRIPPER_BASE + GRIPPER_DIM * GRIPPER_BINS
 VOCABULARY_SIZE = ACTION_BASE + ACTION_BINS
+
+
+def _push_frame(frames: list, item, history: int) -> list:
+    """The last `history` items after `item`; at an episode's start the first item fills the history."""
+    return ((frames or [item] * history) + [item])[-history:]
 
 
 class InvalidActionTokens(ValueError):
@@ -138,9 +143,9 @@ def gripper_tokens(gripper) -> np.ndarray:
 
 
 def instruction_tokens(instruction: str = INSTRUCTION) -> np.ndarray:
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"`instruction` must be a non-empty string. Received: instruction={instruction!r}")
-    return np.array([VOCABULARY.index(w) if w in VOCABULARY else 1 for w in instruction.lower().split()], np.int32)
+    """The instruction's word ids (`image_policy.tokenize`), without its padding."""
+    ids = tokenize(instruction)
+    return ids[ids != 0]
 
 
 def prompt_tokens(gripper, instruction: str = INSTRUCTION) -> np.ndarray:
@@ -157,20 +162,26 @@ def vla_inputs(images, gripper, instruction: str = INSTRUCTION, actions=None) ->
     Without `actions`: the prompt only (for decoding and the vector head).
     With `(B, 3)` actions: the prompt followed by their action tokens
     (teacher forcing), with `response_mask` marking the action tokens.
+    `images=None` leaves the frames out, for a caller that passes their
+    cached ViT tokens (`decode_action_tokens`, `vector_actions`).
     """
-    images = np.asarray(images)
-    if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"`images` must be uint8 frames (batch, history, size, size, 3). "
-                         f"Received: images of shape {images.shape} and dtype {images.dtype}")
     prompt = prompt_tokens(gripper, instruction)
-    if len(prompt) != len(images):
-        raise ValueError(f"`gripper` must have one row per batch element ({len(images)}). Received: {len(prompt)}")
+    inputs = {}
+    if images is not None:
+        images = np.asarray(images)
+        if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"`images` must be uint8 frames (batch, history, size, size, 3). "
+                             f"Received: images of shape {images.shape} and dtype {images.dtype}")
+        if len(prompt) != len(images):
+            raise ValueError(f"`gripper` must have one row per batch element ({len(images)}). "
+                             f"Received: {len(prompt)}")
+        inputs["images"] = images
     response = np.zeros_like(prompt)
     if actions is not None:
         action_tokens = ActionTokenizer().encode(actions)
         prompt = np.concatenate([prompt, action_tokens], axis=1)
         response = np.concatenate([response, np.ones_like(action_tokens)], axis=1)
-    return {"images": images, "token_ids": prompt, "padding_mask": np.ones_like(prompt), "response_mask": response}
+    return {**inputs, "token_ids": prompt, "padding_mask": np.ones_like(prompt), "response_mask": response}
 
 
 def token_targets(inputs) -> tuple[np.ndarray, np.ndarray]:
@@ -401,6 +412,8 @@ def decode_action_tokens(policy, inputs: dict, image_embeddings=None, tokenizer:
         return_logits: also return the `(B, ACTION_DIM, vocabulary)` logits
             each token was chosen from.
     """
+    import contextlib
+
     from keras import ops
 
     from keras_sara import decoding
@@ -411,26 +424,25 @@ def decode_action_tokens(policy, inputs: dict, image_embeddings=None, tokenizer:
     backbone = policy.backbone
     emb = backbone.vit_encoder(inputs["images"]) if image_embeddings is None else image_embeddings
     offset = int(emb.shape[1])
-    tokens, seen = [], []
-    if decoding.state_decoding_reason(policy) is None:
+    context = None
+    if decoding.state_decoding_reason(policy) is None:  # the SARA state: image and prompt absorbed at once
         layers = decoding.check_state_decoding(policy)
-        state = ops.zeros((batch, len(layers)) + layers[0].sara_state_shape(), dtype="float32")
+        cache = ops.zeros((batch, len(layers)) + layers[0].sara_state_shape(), dtype="float32")
         context = decoding.DecodingContext(ops.full((batch,), offset + length, "int32"), bidirectional_prefix=True)
-        with decoding.decoding(layers, context):
-            context.phase = "prefix"
-            logits, _, state = policy.call_with_cache(prompt, state, 0, img_embeddings=emb)
-            context.phase = "step"
-            for k in range(tokenizer.action_dim):
-                seen.append(ops.convert_to_numpy(logits[:, -1]))
-                tokens.append(_constrained_argmax(logits[:, -1], tokenizer))
-                if k + 1 < tokenizer.action_dim:
-                    logits, _, state = policy.call_with_cache(tokens[-1][:, None], state, offset + length + k)
-    else:
+        scope, prefix_kwargs = decoding.decoding(layers, context), {}
+    else:  # keras-hub's KV cache
         cache = ops.zeros((batch, backbone.num_layers, 2, offset + length + tokenizer.action_dim,
                            backbone.num_key_value_heads, backbone.head_dim), dtype=policy.compute_dtype)
         # keras-hub reads padding_mask over the cache's text slots: the prompt, then the empty action slots
         mask = ops.concatenate([ops.ones_like(prompt), ops.zeros((batch, tokenizer.action_dim), "int32")], axis=1)
-        logits, _, cache = policy.call_with_cache(prompt, cache, 0, img_embeddings=emb, padding_mask=mask)
+        scope, prefix_kwargs = contextlib.nullcontext(), {"padding_mask": mask}
+    tokens, seen = [], []
+    with scope:
+        if context is not None:
+            context.phase = "prefix"
+        logits, _, cache = policy.call_with_cache(prompt, cache, 0, img_embeddings=emb, **prefix_kwargs)
+        if context is not None:
+            context.phase = "step"
         for k in range(tokenizer.action_dim):
             seen.append(ops.convert_to_numpy(logits[:, -1]))
             tokens.append(_constrained_argmax(logits[:, -1], tokenizer))
@@ -528,10 +540,8 @@ class LiteRTVectorPolicy:
         self.frames = []
 
     def act(self, image, gripper) -> np.ndarray:
-        tokens = np.asarray(self.tower(check_image(image, self.image_size)[None]))
-        if not self.frames:
-            self.frames = [tokens] * self.history
-        self.frames = (self.frames + [tokens])[-self.history:]
+        self.frames = _push_frame(self.frames, np.asarray(self.tower(check_image(image, self.image_size)[None])),
+                                  self.history)
         return np.asarray(self.decoder(np.concatenate(self.frames, axis=1), prompt_tokens(np.asarray(gripper)[None])))[0]
 
     def __call__(self, env, obs):
@@ -558,11 +568,8 @@ class FrameTokenCache:
         from keras import ops
 
         frame = check_image(image, self.image_size)[None]
-        tokens = ops.convert_to_numpy(self.encoder.encode_frame(frame))  # (1, n, D)
-        if not self.frames:  # the first frame stands in for the ones not seen yet (as FrameHistory)
-            self.frames = [tokens] * self.history
-        self.frames = (self.frames + [tokens])[-self.history:]
-        return np.concatenate(self.frames, axis=1)
+        self.frames = _push_frame(self.frames, ops.convert_to_numpy(self.encoder.encode_frame(frame)), self.history)
+        return np.concatenate(self.frames, axis=1)  # (1, H * n, D)
 
 
 class FrameHistory:
@@ -577,10 +584,7 @@ class FrameHistory:
         self.frames = []
 
     def push(self, image):
-        frame = check_image(image, self.image_size)
-        if not self.frames:
-            self.frames = [frame] * self.history
-        self.frames = (self.frames + [frame])[-self.history:]
+        self.frames = _push_frame(self.frames, check_image(image, self.image_size), self.history)
         return np.stack(self.frames)[None]
 
 
